@@ -1,0 +1,133 @@
+"""`featmap` command line: `featmap <stage> --config conf/x.yaml [key=value ...]`.
+
+Entry points only parse configuration and call the Ray stages; `jobs/*.py` do the same for
+`ray job submit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from featmap_ray import store
+from featmap_ray.config import Config, ConfigError, load_config
+
+log = logging.getLogger("featmap")
+
+
+def _ingest(cfg: Config) -> list[store.StageSummary]:
+    from featmap_ray import ingest
+
+    return [ingest.run(cfg)]
+
+
+def _manipulate(cfg: Config) -> list[store.StageSummary]:
+    from featmap_ray.manipulations import stage
+
+    return [stage.run(cfg)]
+
+
+def _extract(cfg: Config) -> list[store.StageSummary]:
+    from featmap_ray import extract
+
+    return extract.run(cfg)
+
+
+STAGES: dict[str, Callable[[Config], list[store.StageSummary]]] = {
+    "ingest": _ingest,
+    "manipulate": _manipulate,
+    "extract": _extract,
+}
+PIPELINE = ["ingest", "manipulate", "extract"]
+
+
+def run_stage(cfg: Config, name: str) -> list[store.StageSummary]:
+    """One stage inside its own MLflow run, with the summary as metrics."""
+    import mlflow
+
+    from featmap_ray import tracking
+
+    with tracking.stage_run(cfg, name):
+        summaries = STAGES[name](cfg)
+        for s in summaries:
+            mlflow.log_metrics({f"{s.stage}.written": sum(s.written.values()), f"{s.stage}.skipped": s.skipped,
+                                f"{s.stage}.failed": s.failed})
+    for s in summaries:
+        print(s, flush=True)
+    return summaries
+
+
+def describe(cfg: Config) -> str:
+    """Where the tables are, how many rows they hold, and how to look at them."""
+    st = store.Store(cfg.storage)
+    lines = [f"storage root: {cfg.storage}"]
+    uris = [st.images_uri] + [st.features_uri(b, layer) for b in _feature_backbones(cfg) for layer in _layers(cfg, b)] + [st.errors_uri]
+    for uri in uris:
+        ds = st.open(uri)
+        if ds is not None:
+            lines.append(f"  {ds.count_rows():>7} rows  {uri}")
+    from featmap_ray import tracking
+
+    lines += [
+        "look at them:",
+        f"  python -c \"import lance; print(lance.dataset('{st.images_uri}').to_table(columns=['source_id','variant','class_name']).to_pandas())\"",
+        f"  mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}",
+    ]
+    return "\n".join(lines)
+
+
+def _feature_backbones(cfg: Config) -> list[str]:
+    from featmap_ray import backbones
+
+    return [backbones.get_spec(r.name).name for r in cfg.extract.backbones]
+
+
+def _layers(cfg: Config, backbone: str) -> list[str]:
+    from featmap_ray import backbones
+
+    for r in cfg.extract.backbones:
+        spec = backbones.get_spec(r.name)
+        if spec.name == backbone:
+            return backbones.resolve_layers(spec, r.layers)
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="featmap", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=[*STAGES, "pipeline", "info"],
+                        help="a stage, `pipeline` (ingest -> manipulate -> extract), or `info` (tables and row counts)")
+    parser.add_argument("--config", "-c", help="YAML config file (conf/demo.yaml is the embedded default)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. extract.batch_size=8")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "info":
+            print(describe(cfg))
+            return 0
+        from featmap_ray import runtime
+
+        runtime.init_ray(cfg)
+        summaries = []
+        for name in PIPELINE if args.command == "pipeline" else [args.command]:
+            summaries += run_stage(cfg, name)
+    except ConfigError as e:
+        print(f"featmap: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:  # bad input named in the message: no traceback needed
+        print(f"featmap {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    print(describe(cfg))
+    # Non-zero only when nothing usable came out: every row of every stage failed or was absent.
+    usable = store.Store(cfg.storage).count(store.Store(cfg.storage).images_uri, filter=f"variant = '{store.ORIGINAL}'")
+    if usable == 0:
+        print("featmap: no usable images were found", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Ray Data stage: image variants in `images` -> backbone feature maps in `features/<backbone>/<layer>`.
+
+decode + resize + centre-crop run as CPU tasks; the forward pass runs in an actor pool (the model
+is loaded once per actor, `extract.num_gpus` GPUs each, 0 on CPU). One forward fills every
+requested layer of a backbone. Each layer table only receives the keys it does not hold yet.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from featmap_ray import backbones, imageio, store
+from featmap_ray.config import BackboneRequest, Config
+
+STAGE = "extract"
+LABELS = ("source_id", "variant", "split", "class_idx")
+
+
+def feature_column(layer: str) -> str:
+    return f"feature:{layer}"
+
+
+def preprocess_batch(batch: pa.Table, size: int, pending: frozenset[tuple[str, str]]) -> pa.Table:
+    """Ray Data UDF (CPU): stored PNGs -> uint8 (N, size, size, 3) backbone inputs, pending rows only."""
+    rows = [r for r in batch.to_pylist() if (r["source_id"], r["variant"]) in pending]
+    pixels = np.zeros((len(rows), size, size, 3), np.uint8)
+    reasons, messages = [None] * len(rows), [None] * len(rows)
+    for i, row in enumerate(rows):
+        try:
+            img = Image.open(io.BytesIO(row["image"])).convert("RGB")
+            pixels[i] = np.asarray(imageio.resize_center_crop(img, size))
+        except Exception as e:  # a corrupt stored image: recorded, the job goes on
+            reasons[i], messages[i] = type(e).__name__, f"decoding stored image {row['source_id']}/{row['variant']}: {e}"
+    return pa.table({**{k: pa.array([r[k] for r in rows], batch.schema.field(k).type) for k in LABELS},
+                     "pixels": store.tensor_array(pixels), "error_reason": pa.array(reasons, pa.string()),
+                     "error_message": pa.array(messages, pa.string())})
+
+
+class FeatureExtractor:
+    """Ray Data actor: uint8 pixels -> one fixed-shape tensor column per layer."""
+
+    def __init__(self, request: BackboneRequest, layers: list[str], dtype: str, use_gpu: bool, torch_threads: int | None):
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        if not use_gpu:
+            # Ray sets OMP_NUM_THREADS to the actor's CPU count (1); use the node's cores instead.
+            torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        self.spec = backbones.get_spec(request.name)
+        self.model = backbones.build_model(self.spec, request, self.device)
+        self.layers, self.dtype = layers, dtype
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        reasons, messages = batch["error_reason"].to_pylist(), batch["error_message"].to_pylist()
+        ids, variants = batch["source_id"].to_pylist(), batch["variant"].to_pylist()
+        features = {}
+        try:
+            with torch.inference_mode():
+                pixels = torch.from_numpy(store.tensor_numpy(batch["pixels"]))
+                x = backbones.normalise(pixels.to(self.device), self.spec)
+                taps = backbones.forward_taps(self.model, self.spec, self.layers, x)
+            for layer, t in taps.items():
+                values = backbones.to_numpy(t, self.dtype)
+                finite = np.isfinite(values.reshape(n, -1)).all(axis=1)
+                for i in np.flatnonzero(~finite):
+                    if reasons[i] is None:
+                        reasons[i], messages[i] = "non_finite", f"{self.spec.name}/{layer} of {ids[i]}/{variants[i]} has NaN or Inf values"
+                features[feature_column(layer)] = store.tensor_array(values)
+        except Exception as e:  # e.g. out of memory: the batch is recorded as failed, the job goes on
+            reasons = [reasons[i] or type(e).__name__ for i in range(n)]
+            messages = [messages[i] or f"{self.spec.name} forward: {e}" for i in range(n)]
+            features = {}
+        # Without features (the forward failed) the block still carries labels and failures.
+        return pa.table({**{k: batch[k] for k in LABELS}, **features, "error_reason": pa.array(reasons, pa.string()),
+                         "error_message": pa.array(messages, pa.string())})
+
+
+def _targets(st: store.Store, request: BackboneRequest, layers: list[str], dtype: str) -> list[store.Target]:
+    spec = backbones.get_spec(request.name)
+    shapes = backbones.feature_shapes(spec, request, layers)
+    targets = []
+    for layer in layers:
+        meta = {"backbone": spec.name, "timm_name": spec.timm_name, "layer": layer, "input_size": spec.input_size,
+                "pretrained": request.pretrained, "checkpoint": request.checkpoint, "dtype": dtype,
+                "layout": "CHW", "tap_index": spec.taps[layer]}
+        uri = st.features_uri(spec.name, layer)
+        schema = store.feature_schema(shapes[layer], dtype, meta)
+        store.ensure_table(uri, schema)
+        targets.append(store.Target(uri, schema, columns={"feature": feature_column(layer)}))
+    return targets
+
+
+def run(cfg: Config) -> list[store.StageSummary]:
+    import ray.data
+
+    st = store.Store(cfg.storage)
+    ex = cfg.extract
+    # Check every backbone (names, layers, weights, table shapes) before any row is written.
+    plans = []
+    for request in ex.backbones:
+        spec = backbones.get_spec(request.name)
+        layers = backbones.resolve_layers(spec, request.layers)
+        backbones.check_weights(spec, request)
+        plans.append((request, spec, layers, _targets(st, request, layers, ex.dtype)))
+    keys = st.keys(st.images_uri)
+    if not keys:
+        raise FileNotFoundError(f"no images in {st.images_uri}: run `featmap ingest` (and `featmap manipulate`) first")
+
+    summaries = []
+    for request, spec, layers, targets in plans:
+        done = {t.uri: st.keys(t.uri) for t in targets}
+        pending = frozenset(k for k in keys if any(k not in d for d in done.values()))
+        targets = [store.Target(t.uri, t.schema, t.columns, frozenset(done[t.uri] & pending)) for t in targets]
+        ds = None
+        if pending:
+            ds = (
+                st.read_ray(st.images_uri, columns=["source_id", "variant", "split", "class_idx", "image"])
+                .map_batches(preprocess_batch, batch_size=ex.batch_size, batch_format="pyarrow",
+                             fn_kwargs={"size": spec.input_size, "pending": pending})
+                .map_batches(FeatureExtractor, batch_size=ex.batch_size, batch_format="pyarrow",
+                             fn_constructor_args=(request, layers, ex.dtype, ex.num_gpus > 0, ex.torch_threads),
+                             compute=ray.data.ActorPoolStrategy(size=ex.num_actors), num_gpus=ex.num_gpus)
+            )
+        summaries.append(store.write_stage(st, f"{STAGE}:{spec.name}", ds, targets, rows_per_commit=ex.rows_per_commit,
+                                           skipped=len(keys) - len(pending)))
+    return summaries

@@ -1,0 +1,70 @@
+"""Ray Data stage: the originals in `images` -> their manipulated variants, appended to `images`.
+
+Only (source_id, manipulation) pairs not yet stored are computed, so a re-run resumes. A random
+manipulation draws from a seed derived from (manipulate.seed, source_id, manipulation), so the
+result does not depend on worker count or processing order.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from featmap_ray import imageio, store
+from featmap_ray.config import Config
+from featmap_ray.manipulations.direct import Manipulation, derive_seed
+
+STAGE = "manipulate"
+BATCH_SCHEMA = store.with_error_columns(store.IMAGES_SCHEMA)
+CARRIED = ("source_id", "dataset", "split", "class_idx", "class_name", "source_path")
+
+
+def variant_row(original: dict, m: Manipulation, base_seed: int) -> dict:
+    """Apply one manipulation to one stored original (pure: no Ray)."""
+    img = Image.open(io.BytesIO(original["image"])).convert("RGB")
+    seed = derive_seed(base_seed, original["source_id"], m.name) if m.random else None
+    out = m.apply(img, None if seed is None else np.random.default_rng(seed))
+    return {
+        **{k: original[k] for k in CARRIED}, "variant": m.name, "family": m.family, "params": m.params_json(),
+        "seed": seed, "image": imageio.encode_png(out), "width": out.width, "height": out.height,
+    }
+
+
+def manipulate_batch(batch: pa.Table, manipulations: dict[str, Manipulation], pending: dict[str, list[str]],
+                     base_seed: int) -> pa.Table:
+    """Ray Data UDF: original rows -> one row per pending variant (failures as failure rows)."""
+    rows = []
+    for original in batch.to_pylist():
+        for name in pending.get(original["source_id"], ()):
+            try:
+                rows.append(variant_row(original, manipulations[name], base_seed))
+            except Exception as e:  # a broken stored image or op: recorded, the job goes on
+                rows.append({"source_id": original["source_id"], "variant": name, "source_path": original["source_path"],
+                             **store.failure(type(e).__name__, f"{name} of {original['source_id']}: {e}")})
+    return pa.Table.from_pylist(rows, schema=BATCH_SCHEMA)
+
+
+def run(cfg: Config) -> store.StageSummary:
+    st = store.Store(cfg.storage)
+    manipulations = {m.name: m for m in cfg.manipulate.manipulations()}
+    originals = [s for s, _ in st.keys(st.images_uri, filter=f"variant = '{store.ORIGINAL}'")]
+    if not originals:
+        raise FileNotFoundError(f"no original images in {st.images_uri}: run `featmap ingest` first")
+    done = st.keys(st.images_uri, filter=f"variant != '{store.ORIGINAL}'")
+    pending: dict[str, list[str]] = {}
+    for sid in originals:
+        todo = [name for name in manipulations if (sid, name) not in done]
+        if todo:
+            pending[sid] = todo
+    n_pending = sum(map(len, pending.values()))
+    ds = None
+    if pending:
+        ds = st.read_ray(st.images_uri, filter=f"variant = '{store.ORIGINAL}'").map_batches(
+            manipulate_batch, batch_size=cfg.manipulate.batch_size, batch_format="pyarrow",
+            fn_kwargs={"manipulations": manipulations, "pending": pending, "base_seed": cfg.manipulate.seed})
+    skipped = len(originals) * len(manipulations) - n_pending
+    return store.write_stage(st, STAGE, ds, [store.Target(st.images_uri, store.IMAGES_SCHEMA)],
+                             rows_per_commit=256, skipped=skipped)

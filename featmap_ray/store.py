@@ -1,0 +1,335 @@
+"""The only module that talks to Lance: table locations, explicit schemas, keyed idempotent writes.
+
+Layout under one storage root (a local folder or an object-store URI):
+
+    images.lance                      originals and manipulated variants, key (source_id, variant)
+    features/<backbone>/<layer>.lance one (C, H, W) tensor per image variant, same key
+    errors.lance                      what failed and why, key (stage, key)
+
+Stages write through `KeyedLanceSink`, a Ray Data datasink whose every write task writes its rows
+as Lance fragments and commits them at once (Lance appends from many writers do not conflict).
+A table therefore only ever holds complete rows; a killed job leaves the rows it committed, and
+re-running the stage skips those keys, so nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+KEY = ("source_id", "variant")
+ORIGINAL = "original"  # the variant name of the resized, unmanipulated image
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("variant", pa.string(), nullable=False),  # "original" or a manipulation name
+        pa.field("dataset", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("class_idx", pa.int32()),
+        pa.field("class_name", pa.string()),
+        pa.field("family", pa.string()),  # original / geometric / photometric / mask / semantic
+        pa.field("params", pa.string()),  # JSON
+        pa.field("seed", pa.int64()),  # the seed a random manipulation drew from; null otherwise
+        pa.field("image", pa.binary()),  # lossless PNG of what the backbone will see
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("source_path", pa.string()),
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source_id", pa.string()),
+        pa.field("variant", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+# Columns a stage's batches carry besides the table columns: null when the row succeeded.
+ERROR_COLUMNS = ("error_reason", "error_message")
+
+
+def feature_schema(shape: Sequence[int], dtype: str, metadata: dict[str, Any]) -> pa.Schema:
+    """Schema of one features table: key, labels and a canonical Arrow fixed-shape (C, H, W) tensor."""
+    value_type = {"float16": pa.float16(), "float32": pa.float32()}[dtype]
+    return pa.schema(
+        [
+            pa.field("source_id", pa.string(), nullable=False),
+            pa.field("variant", pa.string(), nullable=False),
+            pa.field("split", pa.string()),
+            pa.field("class_idx", pa.int32()),
+            pa.field("feature", pa.fixed_shape_tensor(value_type, list(shape))),
+        ],
+        metadata={"featmap": json.dumps(metadata, sort_keys=True)},
+    )
+
+
+def tensor_array(values: np.ndarray) -> pa.ExtensionArray:
+    """(N, C, H, W) array -> Arrow `fixed_shape_tensor` column, readable without Ray."""
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values))
+
+
+def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Arrow `fixed_shape_tensor` column -> (N, C, H, W) numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.to_numpy_ndarray()
+
+
+def key_string(source_id: str, variant: str) -> str:
+    return f"{source_id}/{variant}"
+
+
+def _sql_list(values: Iterable[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+class SchemaMismatch(ValueError):
+    """An existing table was written with a different schema than this run produces."""
+
+
+def open_table(uri: str) -> lance.LanceDataset | None:
+    try:
+        return lance.dataset(uri)
+    except (ValueError, FileNotFoundError, OSError):
+        return None
+
+
+def ensure_table(uri: str, schema: pa.Schema) -> None:
+    """Create an empty table with `schema`, or check that an existing one matches it."""
+    ds = open_table(uri)
+    if ds is None:
+        lance.write_dataset(schema.empty_table(), uri, schema=schema, mode="create")
+        return
+    if not ds.schema.remove_metadata().equals(schema.remove_metadata()):
+        raise SchemaMismatch(
+            f"table {uri} exists with schema\n  {ds.schema.remove_metadata()}\n"
+            f"but this run writes\n  {schema.remove_metadata()}\n"
+            "(a different layer shape or dtype?) Use another storage root or delete the table."
+        )
+
+
+class Store:
+    """Lance tables under one storage root."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+
+    # -- locations ---------------------------------------------------------------------------
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.root, *parts]) + ".lance"
+
+    @property
+    def images_uri(self) -> str:
+        return self.uri("images")
+
+    @property
+    def errors_uri(self) -> str:
+        return self.uri("errors")
+
+    def features_uri(self, backbone: str, layer: str) -> str:
+        return self.uri("features", backbone, layer)
+
+    # -- reading -----------------------------------------------------------------------------
+    def open(self, uri: str) -> lance.LanceDataset | None:
+        return open_table(uri)
+
+    def count(self, uri: str, filter: str | None = None) -> int:
+        ds = self.open(uri)
+        return 0 if ds is None else ds.count_rows(filter=filter)
+
+    def read(self, uri: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
+        ds = self.open(uri)
+        if ds is None:
+            raise FileNotFoundError(f"table {uri} does not exist (has the stage that writes it run?)")
+        return ds.to_table(columns=columns, filter=filter)
+
+    def keys(self, uri: str, filter: str | None = None) -> set[tuple[str, str]]:
+        ds = self.open(uri)
+        if ds is None:
+            return set()
+        table = ds.to_table(columns=list(KEY), filter=filter)
+        return set(zip(table["source_id"].to_pylist(), table["variant"].to_pylist(), strict=True))
+
+    def read_ray(self, uri: str, columns: list[str] | None = None, filter: str | None = None):
+        import ray.data
+
+        # The filter (Lance SQL, like every filter in this module) is pushed down to the scanner.
+        return ray.data.read_lance(uri, columns=columns, scanner_options={"filter": filter} if filter else None)
+
+    # -- writing -----------------------------------------------------------------------------
+    def append(self, uri: str, table: pa.Table) -> None:
+        """Append whole rows from the driver (small tables); one atomic commit."""
+        lance.write_dataset(table, uri, schema=table.schema, mode="append")
+
+    def record_errors(self, stage: str, rows: list[dict[str, Any]]) -> None:
+        """Upsert failures on (stage, key): re-running a stage updates a failure, never duplicates it."""
+        if not rows:
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        table = pa.Table.from_pylist([{**r, "stage": stage, "recorded_at": now} for r in rows], schema=ERRORS_SCHEMA)
+        ensure_table(self.errors_uri, ERRORS_SCHEMA)
+        (
+            lance.dataset(self.errors_uri)
+            .merge_insert(["stage", "key"])
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute(table)
+        )
+
+    def clear_errors(self, stage: str, keys: Iterable[str]) -> None:
+        """Forget earlier failures of keys that have now succeeded."""
+        recorded = set(self.errors(stage)["key"].to_pylist())
+        stale = sorted(recorded.intersection(keys))
+        ds = self.open(self.errors_uri)
+        for start in range(0, len(stale), 1000):
+            ds.delete(f"stage = '{stage}' AND key IN ({_sql_list(stale[start:start + 1000])})")
+
+    def errors(self, stage: str | None = None) -> pa.Table:
+        ds = self.open(self.errors_uri)
+        if ds is None:
+            return ERRORS_SCHEMA.empty_table()
+        return ds.to_table(filter=None if stage is None else f"stage = '{stage}'")
+
+    def compact(self, uri: str) -> None:
+        """Merge the small fragments of per-task commits; read parallelism follows fragment count."""
+        ds = self.open(uri)
+        if ds is not None and len(ds.get_fragments()) > 1:
+            ds.optimize.compact_files(target_rows_per_fragment=4096)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One table a stage writes: `columns` maps table columns to differently named batch columns."""
+
+    uri: str
+    schema: pa.Schema
+    columns: dict[str, str] = field(default_factory=dict)
+    skip: frozenset[tuple[str, str]] = frozenset()  # keys this table already holds
+
+    def rows(self, batch: pa.Table) -> pa.Table:
+        if batch.num_rows == 0:  # e.g. a batch whose forward pass failed carries no feature columns
+            return self.schema.empty_table()
+        names = self.schema.names
+        table = batch.select([self.columns.get(n, n) for n in names]).rename_columns(names)
+        if self.skip:
+            keys = zip(table["source_id"].to_pylist(), table["variant"].to_pylist(), strict=True)
+            table = table.filter(pa.array([k not in self.skip for k in keys], type=pa.bool_()))
+        return table.cast(self.schema)
+
+
+def _commit_fragments(uri: str, table: pa.Table) -> None:
+    fragments = lance.fragment.write_fragments(table, uri, schema=table.schema)
+    # commit() rebases on concurrent appends (they never conflict) and retries by itself.
+    lance.LanceDataset.commit(uri, lance.LanceOperation.Append(fragments), read_version=lance.dataset(uri).version)
+
+
+class KeyedLanceSink(Datasink):
+    """Ray Data sink: each write task commits its successful rows to every target, atomically,
+    and returns its failed rows (small) to the driver, which records them in the errors table."""
+
+    def __init__(self, targets: list[Target], rows_per_commit: int):
+        self.targets = targets
+        self.rows_per_commit = rows_per_commit
+        self.written: dict[str, int] = {t.uri: 0 for t in targets}
+        self.failed: list[dict[str, Any]] = []
+        self.succeeded: list[str] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_commit
+
+    def get_name(self) -> str:
+        return "LanceCommit"
+
+    def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        for target in self.targets:
+            ensure_table(target.uri, target.schema)
+
+    def write(self, blocks, ctx) -> dict[str, Any]:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return {"written": {}, "failed": [], "succeeded": []}
+        batch = pa.concat_tables(tables, promote_options="permissive")
+        failed = pc.is_valid(batch["error_reason"])
+        ok = batch.filter(pc.invert(failed))
+        written = {}
+        for target in self.targets:
+            rows = target.rows(ok)
+            if rows.num_rows:
+                _commit_fragments(target.uri, rows)
+            written[target.uri] = rows.num_rows
+        bad = batch.filter(failed)
+        failed_rows = [
+            {"key": key_string(r["source_id"], r["variant"]), "source_id": r["source_id"], "variant": r["variant"],
+             "path": r.get("source_path"), "reason": r["error_reason"], "message": r["error_message"]}
+            for r in bad.select([c for c in ("source_id", "variant", "source_path", *ERROR_COLUMNS) if c in bad.column_names]).to_pylist()
+        ]
+        succeeded = [key_string(s, v) for s, v in zip(ok["source_id"].to_pylist(), ok["variant"].to_pylist(), strict=True)]
+        return {"written": written, "failed": failed_rows, "succeeded": succeeded}
+
+    def on_write_complete(self, write_result) -> None:
+        for result in write_result.write_returns:
+            for uri, n in result["written"].items():
+                self.written[uri] += n
+            self.failed.extend(result["failed"])
+            self.succeeded.extend(result["succeeded"])
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    written: dict[str, int]
+    skipped: int
+    failed: int
+    errors_uri: str
+
+    def __str__(self) -> str:
+        lines = [f"[{self.stage}] rows written:"]
+        lines += [f"    {n:>7}  {uri}" for uri, n in self.written.items()] or ["    0"]
+        lines.append(f"  skipped as already stored: {self.skipped}")
+        lines.append(f"  failed: {self.failed}" + (f"  (reasons in {self.errors_uri}, stage '{self.stage}')" if self.failed else ""))
+        return "\n".join(lines)
+
+
+def write_stage(store: Store, stage: str, dataset, targets: list[Target], *, rows_per_commit: int, skipped: int) -> StageSummary:
+    """Run a Ray Data pipeline into `targets` (None: nothing pending), record its failures,
+    compact, and summarise."""
+    sink = KeyedLanceSink(targets, rows_per_commit)
+    if dataset is None:
+        sink.on_write_start()
+    else:
+        dataset.write_datasink(sink)
+    store.record_errors(stage, sink.failed)
+    store.clear_errors(stage, sink.succeeded)
+    for target in targets:
+        store.compact(target.uri)
+    return StageSummary(stage, sink.written, skipped, len(sink.failed), store.errors_uri)
+
+
+def with_error_columns(schema: pa.Schema) -> pa.Schema:
+    """The schema of a stage's output batches: the table's columns plus the failure columns."""
+    for name in ERROR_COLUMNS:
+        schema = schema.append(pa.field(name, pa.string()))
+    return schema
+
+
+def failure(reason: str, message: str) -> dict[str, str]:
+    return {"error_reason": reason, "error_message": message}
