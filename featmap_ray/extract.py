@@ -56,6 +56,8 @@ class FeatureExtractor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
+        if n == 0:  # every row of the batch was already stored
+            return batch.drop_columns(["pixels"])
         reasons, messages = batch["error_reason"].to_pylist(), batch["error_message"].to_pylist()
         ids, variants = batch["source_id"].to_pylist(), batch["variant"].to_pylist()
         features = {}
@@ -80,18 +82,16 @@ class FeatureExtractor:
                          "error_message": pa.array(messages, pa.string())})
 
 
-def _targets(st: store.Store, request: BackboneRequest, layers: list[str], dtype: str) -> list[store.Target]:
-    spec = backbones.get_spec(request.name)
+def _targets(st: store.Store, spec: backbones.BackboneSpec, request: BackboneRequest, layers: list[str],
+             dtype: str) -> list[store.Target]:
     shapes = backbones.feature_shapes(spec, request, layers)
     targets = []
     for layer in layers:
         meta = {"backbone": spec.name, "timm_name": spec.timm_name, "layer": layer, "input_size": spec.input_size,
                 "pretrained": request.pretrained, "checkpoint": request.checkpoint, "dtype": dtype,
                 "layout": "CHW", "tap_index": spec.taps[layer]}
-        uri = st.features_uri(spec.name, layer)
         schema = store.feature_schema(shapes[layer], dtype, meta)
-        store.ensure_table(uri, schema)
-        targets.append(store.Target(uri, schema, columns={"feature": feature_column(layer)}))
+        targets.append(store.Target(st.features_uri(spec.name, layer), schema, columns={"feature": feature_column(layer)}))
     return targets
 
 
@@ -100,13 +100,16 @@ def run(cfg: Config) -> list[store.StageSummary]:
 
     st = store.Store(cfg.storage)
     ex = cfg.extract
-    # Check every backbone (names, layers, weights, table shapes) before any row is written.
+    # Check every backbone (name, layers, weights, shapes of existing tables) before anything is written.
     plans = []
     for request in ex.backbones:
         spec = backbones.get_spec(request.name)
         layers = backbones.resolve_layers(spec, request.layers)
         backbones.check_weights(spec, request)
-        plans.append((request, spec, layers, _targets(st, request, layers, ex.dtype)))
+        targets = _targets(st, spec, request, layers, ex.dtype)
+        for t in targets:
+            store.check_schema(t.uri, t.schema)
+        plans.append((request, spec, layers, targets))
     keys = st.keys(st.images_uri)
     if not keys:
         raise FileNotFoundError(f"no images in {st.images_uri}: run `featmap ingest` (and `featmap manipulate`) first")

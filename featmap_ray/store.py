@@ -81,8 +81,11 @@ def feature_schema(shape: Sequence[int], dtype: str, metadata: dict[str, Any]) -
 
 
 def tensor_array(values: np.ndarray) -> pa.ExtensionArray:
-    """(N, C, H, W) array -> Arrow `fixed_shape_tensor` column, readable without Ray."""
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values))
+    """(N, C, H, W) array -> Arrow `fixed_shape_tensor` column, readable without Ray (N may be 0)."""
+    values = np.ascontiguousarray(values)
+    tensor_type = pa.fixed_shape_tensor(pa.from_numpy_dtype(values.dtype), list(values.shape[1:]))
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), int(np.prod(values.shape[1:])))
+    return pa.ExtensionArray.from_storage(tensor_type, storage)
 
 
 def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -113,11 +116,16 @@ def open_table(uri: str) -> lance.LanceDataset | None:
 
 def ensure_table(uri: str, schema: pa.Schema) -> None:
     """Create an empty table with `schema`, or check that an existing one matches it."""
-    ds = open_table(uri)
-    if ds is None:
+    if open_table(uri) is None:
         lance.write_dataset(schema.empty_table(), uri, schema=schema, mode="create")
-        return
-    if not ds.schema.remove_metadata().equals(schema.remove_metadata()):
+    else:
+        check_schema(uri, schema)
+
+
+def check_schema(uri: str, schema: pa.Schema) -> None:
+    """Raise SchemaMismatch if the table at `uri` exists with another schema."""
+    ds = open_table(uri)
+    if ds is not None and not ds.schema.remove_metadata().equals(schema.remove_metadata()):
         raise SchemaMismatch(
             f"table {uri} exists with schema\n  {ds.schema.remove_metadata()}\n"
             f"but this run writes\n  {schema.remove_metadata()}\n"

@@ -1,0 +1,144 @@
+"""Throughput of the extract stage against a bare forward loop over the same images and model.
+
+    .venv/bin/python benchmarks/extract_throughput.py --images 64
+
+Builds an images table of N demo photos (scikit-image originals plus rotations) in a temporary
+storage root, then measures in one run:
+  ours          `featmap_ray.extract.run` wall clock: decode, preprocess, forward, Lance write,
+                actor start and model build included, Ray start-up excluded;
+  bare          the same images decoded into memory up front (not timed) and the same model in a
+                plain `torch.inference_mode()` loop, forward only, after one warm-up batch;
+  unbatched     the bare loop at batch size 1.
+ConvNeXt-B (random weights) at 288, float16 storage. Also prints the bytes each stored feature map
+takes on disk against its float32 size C*H*W*4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import lance
+import torch
+
+from featmap_ray import backbones, extract, ingest, runtime, store
+from featmap_ray.config import BackboneRequest, load_config
+from featmap_ray.manipulations import stage as manipulate
+
+CONFIG = Path(__file__).resolve().parents[1] / "conf" / "demo.yaml"
+ALL_STAGES = ["stage0", "stage1", "stage2", "stage3"]
+
+
+def config(storage: str, layers: list[str], batch_size: int, device: str, rotations: list[int]):
+    backbone = f"[{{name: convnext_base, layers: [{', '.join(layers)}], pretrained: false}}]"
+    return load_config(CONFIG, [
+        f"storage={storage}", "dataset.images_per_class=null", f"manipulate.ops={{rotation: {rotations}}}",
+        f"extract.backbones={backbone}", f"extract.batch_size={batch_size}", "extract.dtype=float16",
+        f"extract.num_gpus={1 if device == 'cuda' else 0}",
+    ])
+
+
+def build_images(storage: str, n: int, batch_size: int, device: str) -> None:
+    """Ingest the demo photos, add as many rotations as needed, keep the first n rows."""
+    cfg = config(storage, ALL_STAGES, batch_size, device, [])
+    runtime.init_ray(cfg)
+    originals = ingest.run(cfg).written[store.Store(storage).images_uri]
+    rotations = [10 * (i + 1) for i in range(math.ceil(n / originals) - 1)]
+    if rotations:
+        manipulate.run(config(storage, ALL_STAGES, batch_size, device, rotations))
+    st = store.Store(storage)
+    table = st.read(st.images_uri).sort_by([("source_id", "ascending"), ("variant", "ascending")])
+    if table.num_rows < n:
+        raise SystemExit(f"only {table.num_rows} images could be built, {n} asked for")
+    lance.write_dataset(table.slice(0, n), st.images_uri, mode="overwrite")
+
+
+def time_ours(storage: str, layers: list[str], batch_size: int, device: str, n: int) -> float:
+    shutil.rmtree(Path(storage, "features"), ignore_errors=True)  # every key pending
+    cfg = config(storage, layers, batch_size, device, [])
+    start = time.perf_counter()
+    [summary] = extract.run(cfg)
+    seconds = time.perf_counter() - start
+    if summary.failed or any(written != n for written in summary.written.values()):
+        raise SystemExit(f"extract did not store every image:\n{summary}")
+    return seconds
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_bare(model, spec, layers: list[str], x: torch.Tensor, batch_size: int, device: str) -> float:
+    with torch.inference_mode():
+        backbones.forward_taps(model, spec, layers, x[:batch_size])  # warm-up, not timed
+        sync(device)
+        start = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            backbones.forward_taps(model, spec, layers, x[i:i + batch_size])
+        sync(device)
+    return time.perf_counter() - start
+
+
+def dir_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--layers", default="stage3", help="comma-separated ConvNeXt-B stages")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = parser.parse_args()
+    layers, n, bs, device = args.layers.split(","), args.images, args.batch_size, args.device
+
+    torch.set_num_threads(os.cpu_count() or 1)  # what the extract actor does on CPU
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"device {device} ({name})\n")
+
+    with tempfile.TemporaryDirectory(prefix="featmap_bench_") as storage:
+        build_images(storage, n, bs, device)  # starts Ray: not timed
+
+        rows = [(f"ours ({','.join(layers)})", time_ours(storage, layers, bs, device, n)),
+                ("ours (4 layers)", time_ours(storage, ALL_STAGES, bs, device, n))]
+
+        st = store.Store(storage)
+        spec = backbones.get_spec("convnext_base")
+        start = time.perf_counter()
+        model = backbones.build_model(spec, BackboneRequest(name=spec.name, pretrained=False), device)
+        build_seconds = time.perf_counter() - start
+        images = st.read(st.images_uri, columns=[*extract.LABELS, "image"])
+        keys = frozenset(zip(images["source_id"].to_pylist(), images["variant"].to_pylist()))
+        pixels = torch.from_numpy(store.tensor_numpy(extract.preprocess_batch(images, spec.input_size, keys)["pixels"]))
+        x = backbones.normalise(pixels.to(device), spec)
+        rows += [(f"bare batched (bs {bs})", time_bare(model, spec, layers, x, bs, device)),
+                 ("bare unbatched (bs 1)", time_bare(model, spec, layers, x, 1, device))]
+
+        bare_rate = n / rows[2][1]
+        print(f"ConvNeXt-B @ {spec.input_size}, layers {','.join(layers)}, batch size {bs}, float16 storage; "
+              f"model build {build_seconds:.2f} s (timed once in the driver)\n")
+        print("| run | images | seconds | images/s | ratio to bare batched |")
+        print("|---|---:|---:|---:|---:|")
+        for label, seconds in rows:
+            print(f"| {label} | {n} | {seconds:.2f} | {n / seconds:.2f} | {n / seconds / bare_rate:.2f} |")
+
+        # The 4-layer run's tables are the ones on disk now.
+        shapes = backbones.feature_shapes(spec, BackboneRequest(name=spec.name, pretrained=False), ALL_STAGES)
+        print("\n| layer | C×H×W | float32 bytes | stored bytes/row | ratio (target ≤ 0.5) |")
+        print("|---|---|---:|---:|---:|")
+        for layer, (c, h, w) in shapes.items():
+            uri = st.features_uri(spec.name, layer)
+            stored = dir_bytes(uri) / st.count(uri)
+            print(f"| {layer} | {c}×{h}×{w} | {c * h * w * 4} | {stored:.0f} | {stored / (c * h * w * 4):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

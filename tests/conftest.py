@@ -1,0 +1,79 @@
+"""Shared fixtures: one embedded Ray instance per test session, small configs, tiny backbones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# No hub access in tests: a pretrained request must fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+# Random-weight variants of the registered architectures (same classes, smaller widths/depths).
+TINY_BACKBONES = {
+    "convnext_base": {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]},
+    "swinv2_base": {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
+    "dinov3_vitb16": {"embed_dim": 16, "num_heads": 2, "depth": 12},
+    "resnet50": {"layers": [1, 1, 1, 1]},
+}
+
+
+def tiny_backbone(name: str, **extra) -> dict:
+    return {"name": name, "pretrained": False, "model_kwargs": TINY_BACKBONES[name], **extra}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from featmap_ray import runtime
+
+    # 8 logical CPUs on 2 cores: actor pools next to Ray Data tasks starve otherwise (ray#44687).
+    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=768 * 2**20,
+             log_to_driver=False)
+    runtime.configure_data_context()
+    yield
+    ray.shutdown()
+
+
+def make_config(storage: Path, root: Path | str, **sections):
+    """A Config for tests: small images, the given sections merged over test defaults."""
+    from featmap_ray.config import Config
+
+    data = {
+        "storage": str(storage),
+        "dataset": {"name": "t", "root": str(root), "image_size": 64, "min_side": 8},
+        "manipulate": {"ops": {"rotation": [90], "noise": [40]}},
+        "extract": {"backbones": [tiny_backbone("convnext_base", layers=["stage3"])], "batch_size": 4,
+                    "rows_per_commit": 4},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return Config.model_validate(data)
+
+
+def write_image(path: Path, size=(80, 60), seed=0, mode="RGB") -> np.ndarray:
+    """A deterministic random-texture image file; returns its pixels."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path)
+    return arr
+
+
+@pytest.fixture
+def class_folders(tmp_path) -> Path:
+    """FeatMap layout, 2 classes x (3 train + 1 test) images with colliding file names."""
+    root = tmp_path / "data"
+    seed = 0
+    for cls in ("b_cls", "a_cls"):
+        for split, n in (("train", 3), ("test", 1)):
+            for i in range(n):
+                write_image(root / "images" / split / cls / f"{i:05d}.png", seed=seed)
+                seed += 1
+    return root

@@ -1,0 +1,51 @@
+import pytest
+
+from featmap_ray.config import ConfigError, load_config
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "dataset: {name: d, root: /data}\n"
+
+
+def test_demo_config_loads_and_resolves_storage():
+    cfg = load_config("conf/demo.yaml")
+    assert cfg.storage.startswith("/")
+    assert [m.name for m in cfg.manipulate.manipulations()][:3] == ["rotation_90", "rotation_180", "rotation_270"]
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["extract.batch_size=8", "dataset.classes=[a, b]", "storage=s3://b/x"])
+    assert cfg.extract.batch_size == 8 and cfg.dataset.classes == ["a", "b"] and cfg.storage == "s3://b/x"
+
+
+@pytest.mark.parametrize(
+    "text, overrides, needle",
+    [
+        (BASE + "datset: {}\n", [], "datset: unknown key"),
+        (BASE, ["dataset.num_clases=3"], "dataset.num_clases: unknown key"),
+        (BASE, ["extract.batch_size=abc"], "extract.batch_size"),
+        (BASE, ["extract.batch_size=0"], "extract.batch_size"),
+        (BASE, ["extract.dtype=float64"], "extract.dtype"),
+        (BASE, ["manipulate.ops={mirror: [x]}"], "mirror"),
+        (BASE, ["manipulate.ops={rotate: [90]}"], "rotate"),
+        ("storage: x\n", [], "dataset: Field required"),
+        (BASE, ["extract.backbones=[{name: resnet50, pretrained: false, checkpoint: /w.pth}]"], "pretrained is false"),
+        (BASE, ["novalue"], "key=value"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_key_named(tmp_path, text, overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text), overrides)
+    assert needle in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "a: [1,\n"))
