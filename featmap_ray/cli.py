@@ -61,37 +61,22 @@ def run_stage(cfg: Config, name: str) -> list[store.StageSummary]:
 
 def describe(cfg: Config) -> str:
     """Where the tables are, how many rows they hold, and how to look at them."""
-    st = store.Store(cfg.storage)
-    lines = [f"storage root: {cfg.storage}"]
-    uris = [st.images_uri] + [st.features_uri(b, layer) for b in _feature_backbones(cfg) for layer in _layers(cfg, b)] + [st.errors_uri]
-    for uri in uris:
-        ds = st.open(uri)
-        if ds is not None:
-            lines.append(f"  {ds.count_rows():>7} rows  {uri}")
-    from featmap_ray import tracking
+    from featmap_ray import backbones, tracking
 
+    st = store.Store(cfg.storage)
+    uris = [st.images_uri]
+    for request in cfg.extract.backbones:
+        spec = backbones.get_spec(request.name)
+        uris += [st.features_uri(spec.name, layer) for layer in backbones.resolve_layers(spec, request.layers)]
+    uris.append(st.errors_uri)
+    lines = [f"storage root: {cfg.storage}"]
+    lines += [f"  {st.count(uri):>7} rows  {uri}" for uri in uris if st.open(uri) is not None]
     lines += [
         "look at them:",
         f"  python -c \"import lance; print(lance.dataset('{st.images_uri}').to_table(columns=['source_id','variant','class_name']).to_pandas())\"",
         f"  mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}",
     ]
     return "\n".join(lines)
-
-
-def _feature_backbones(cfg: Config) -> list[str]:
-    from featmap_ray import backbones
-
-    return [backbones.get_spec(r.name).name for r in cfg.extract.backbones]
-
-
-def _layers(cfg: Config, backbone: str) -> list[str]:
-    from featmap_ray import backbones
-
-    for r in cfg.extract.backbones:
-        spec = backbones.get_spec(r.name)
-        if spec.name == backbone:
-            return backbones.resolve_layers(spec, r.layers)
-    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(describe(cfg))
     # Non-zero only when nothing usable came out: every row of every stage failed or was absent.
-    usable = store.Store(cfg.storage).count(store.Store(cfg.storage).images_uri, filter=f"variant = '{store.ORIGINAL}'")
-    if usable == 0:
+    st = store.Store(cfg.storage)
+    if st.count(st.images_uri, filter=f"variant = '{store.ORIGINAL}'") == 0:
         print("featmap: no usable images were found", file=sys.stderr)
         return 1
     return 0

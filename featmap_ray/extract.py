@@ -7,7 +7,6 @@ requested layer of a backbone. Each layer table only receives the keys it does n
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
@@ -33,7 +32,7 @@ def preprocess_batch(batch: pa.Table, size: int, pending: frozenset[tuple[str, s
     reasons, messages = [None] * len(rows), [None] * len(rows)
     for i, row in enumerate(rows):
         try:
-            img = Image.open(io.BytesIO(row["image"])).convert("RGB")
+            img = Image.fromarray(imageio.decode_png_rgb(row["image"]))
             pixels[i] = np.asarray(imageio.resize_center_crop(img, size))
         except Exception as e:  # a corrupt stored image: recorded, the job goes on
             reasons[i], messages[i] = type(e).__name__, f"decoding stored image {row['source_id']}/{row['variant']}: {e}"
@@ -116,9 +115,10 @@ def run(cfg: Config) -> list[store.StageSummary]:
 
     summaries = []
     for request, spec, layers, targets in plans:
-        done = {t.uri: st.keys(t.uri) for t in targets}
-        pending = frozenset(k for k in keys if any(k not in d for d in done.values()))
-        targets = [store.Target(t.uri, t.schema, t.columns, frozenset(done[t.uri] & pending)) for t in targets]
+        done = [st.keys(t.uri) for t in targets]
+        # A key missing from any layer table is computed again; the sink writes each table only
+        # the keys it lacks.
+        pending = frozenset(k for k in keys if any(k not in d for d in done))
         ds = None
         if pending:
             ds = (

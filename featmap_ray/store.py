@@ -162,18 +162,9 @@ class Store:
         ds = self.open(uri)
         return 0 if ds is None else ds.count_rows(filter=filter)
 
-    def read(self, uri: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
-        ds = self.open(uri)
-        if ds is None:
-            raise FileNotFoundError(f"table {uri} does not exist (has the stage that writes it run?)")
-        return ds.to_table(columns=columns, filter=filter)
-
     def keys(self, uri: str, filter: str | None = None) -> set[tuple[str, str]]:
         ds = self.open(uri)
-        if ds is None:
-            return set()
-        table = ds.to_table(columns=list(KEY), filter=filter)
-        return set(zip(table["source_id"].to_pylist(), table["variant"].to_pylist(), strict=True))
+        return set() if ds is None else set(_keys(ds.to_table(columns=list(KEY), filter=filter)))
 
     def read_ray(self, uri: str, columns: list[str] | None = None, filter: str | None = None):
         import ray.data
@@ -182,10 +173,6 @@ class Store:
         return ray.data.read_lance(uri, columns=columns, scanner_options={"filter": filter} if filter else None)
 
     # -- writing -----------------------------------------------------------------------------
-    def append(self, uri: str, table: pa.Table) -> None:
-        """Append whole rows from the driver (small tables); one atomic commit."""
-        lance.write_dataset(table, uri, schema=table.schema, mode="append")
-
     def record_errors(self, stage: str, rows: list[dict[str, Any]]) -> None:
         """Upsert failures on (stage, key): re-running a stage updates a failure, never duplicates it."""
         if not rows:
@@ -215,12 +202,6 @@ class Store:
             return ERRORS_SCHEMA.empty_table()
         return ds.to_table(filter=None if stage is None else f"stage = '{stage}'")
 
-    def compact(self, uri: str) -> None:
-        """Merge the small fragments of per-task commits; read parallelism follows fragment count."""
-        ds = self.open(uri)
-        if ds is not None and len(ds.get_fragments()) > 1:
-            ds.optimize.compact_files(target_rows_per_fragment=4096)
-
 
 @dataclass(frozen=True)
 class Target:
@@ -229,23 +210,33 @@ class Target:
     uri: str
     schema: pa.Schema
     columns: dict[str, str] = field(default_factory=dict)
-    skip: frozenset[tuple[str, str]] = frozenset()  # keys this table already holds
 
     def rows(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:  # e.g. a batch whose forward pass failed carries no feature columns
             return self.schema.empty_table()
         names = self.schema.names
-        table = batch.select([self.columns.get(n, n) for n in names]).rename_columns(names)
-        if self.skip:
-            keys = zip(table["source_id"].to_pylist(), table["variant"].to_pylist(), strict=True)
-            table = table.filter(pa.array([k not in self.skip for k in keys], type=pa.bool_()))
-        return table.cast(self.schema)
+        return batch.select([self.columns.get(n, n) for n in names]).rename_columns(names).cast(self.schema)
 
 
-def _commit_fragments(uri: str, table: pa.Table) -> None:
-    fragments = lance.fragment.write_fragments(table, uri, schema=table.schema)
-    # commit() rebases on concurrent appends (they never conflict) and retries by itself.
-    lance.LanceDataset.commit(uri, lance.LanceOperation.Append(fragments), read_version=lance.dataset(uri).version)
+def _keys(table: pa.Table) -> list[tuple[str, str]]:
+    return list(zip(table["source_id"].to_pylist(), table["variant"].to_pylist(), strict=True))
+
+
+def _commit_new_rows(uri: str, table: pa.Table) -> int:
+    """Append the rows whose keys the table does not hold yet, as one commit; returns their number.
+
+    Checking at commit time (not only when the stage starts) keeps a retried write task or a
+    second concurrent run of the same stage from adding duplicates."""
+    ds = lance.dataset(uri)
+    ids = sorted(set(table["source_id"].to_pylist()))
+    stored = set(_keys(ds.to_table(columns=list(KEY), filter=f"source_id IN ({_sql_list(ids)})")))
+    if stored:
+        table = table.filter(pa.array([k not in stored for k in _keys(table)], type=pa.bool_()))
+    if table.num_rows:
+        fragments = lance.fragment.write_fragments(table, uri, schema=table.schema)
+        # commit() rebases on concurrent appends (they never conflict) and retries by itself.
+        lance.LanceDataset.commit(uri, lance.LanceOperation.Append(fragments), read_version=ds.version)
+    return table.num_rows
 
 
 class KeyedLanceSink(Datasink):
@@ -281,16 +272,14 @@ class KeyedLanceSink(Datasink):
         written = {}
         for target in self.targets:
             rows = target.rows(ok)
-            if rows.num_rows:
-                _commit_fragments(target.uri, rows)
-            written[target.uri] = rows.num_rows
+            written[target.uri] = _commit_new_rows(target.uri, rows) if rows.num_rows else 0
         bad = batch.filter(failed)
         failed_rows = [
             {"key": key_string(r["source_id"], r["variant"]), "source_id": r["source_id"], "variant": r["variant"],
              "path": r.get("source_path"), "reason": r["error_reason"], "message": r["error_message"]}
             for r in bad.select([c for c in ("source_id", "variant", "source_path", *ERROR_COLUMNS) if c in bad.column_names]).to_pylist()
         ]
-        succeeded = [key_string(s, v) for s, v in zip(ok["source_id"].to_pylist(), ok["variant"].to_pylist(), strict=True)]
+        succeeded = [key_string(s, v) for s, v in _keys(ok)]
         return {"written": written, "failed": failed_rows, "succeeded": succeeded}
 
     def on_write_complete(self, write_result) -> None:
@@ -318,8 +307,8 @@ class StageSummary:
 
 
 def write_stage(store: Store, stage: str, dataset, targets: list[Target], *, rows_per_commit: int, skipped: int) -> StageSummary:
-    """Run a Ray Data pipeline into `targets` (None: nothing pending), record its failures,
-    compact, and summarise."""
+    """Run a Ray Data pipeline into `targets` (None: nothing pending), record its failures and
+    summarise. Each commit is one fragment: no compaction, since Ray reads in parallel per fragment."""
     sink = KeyedLanceSink(targets, rows_per_commit)
     if dataset is None:
         sink.on_write_start()
@@ -327,8 +316,6 @@ def write_stage(store: Store, stage: str, dataset, targets: list[Target], *, row
         dataset.write_datasink(sink)
     store.record_errors(stage, sink.failed)
     store.clear_errors(stage, sink.succeeded)
-    for target in targets:
-        store.compact(target.uri)
     return StageSummary(stage, sink.written, skipped, len(sink.failed), store.errors_uri)
 
 

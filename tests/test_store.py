@@ -28,6 +28,10 @@ def test_feature_tensors_round_trip_through_ray_and_plain_readers(tmp_path):
     summary = store.write_stage(store.Store(str(tmp_path)), "t", rows, [store.Target(uri, table.schema)],
                                 rows_per_commit=3, skipped=0)
     assert summary.written == {uri: 10}
+    # the same rows again (a retried write task, a second run racing the first): nothing added
+    again = store.write_stage(store.Store(str(tmp_path)), "t", rows, [store.Target(uri, table.schema)],
+                              rows_per_commit=3, skipped=0)
+    assert again.written == {uri: 0} and lance.dataset(uri).count_rows() == 10
     # plain pyarrow/lance reader: canonical fixed-shape tensor, exact values, in any order
     back = lance.dataset(uri).to_table()
     order = np.argsort([int(s[1:]) for s in back["source_id"].to_pylist()])

@@ -7,8 +7,6 @@ result does not depend on worker count or processing order.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow as pa
 from PIL import Image
@@ -24,7 +22,7 @@ CARRIED = ("source_id", "dataset", "split", "class_idx", "class_name", "source_p
 
 def variant_row(original: dict, m: Manipulation, base_seed: int) -> dict:
     """Apply one manipulation to one stored original (pure: no Ray)."""
-    img = Image.open(io.BytesIO(original["image"])).convert("RGB")
+    img = Image.fromarray(imageio.decode_png_rgb(original["image"]))
     seed = derive_seed(base_seed, original["source_id"], m.name) if m.random else None
     out = m.apply(img, None if seed is None else np.random.default_rng(seed))
     return {

@@ -1,0 +1,59 @@
+"""Shared body of the `jobs/<stage>.py` scripts run by `ray job submit --working-dir . -- python jobs/<stage>.py`.
+
+The working dir is unpacked into a temporary folder on the cluster, which becomes the job's CWD,
+and `featmap_ray` may not be installed there: the repository root goes first on sys.path. A
+relative `storage` would resolve inside that temporary folder (and disappear with it), so a
+submitted job refuses one before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Set by Ray's JobSupervisor for the entrypoint of a submitted job, and only there (it also sets
+# RAY_ADDRESS to the GCS address; RAY_JOB_ID is stripped from a job's environment).
+JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def _relative_storage(argv: list[str]) -> str | None:
+    """The raw `storage` value (config file, then overrides, else the default) when it is a
+    relative path; None when it is absolute or a URI, or when the config cannot be loaded (then
+    `featmap` itself reports the problem)."""
+    from featmap_ray.config import Config, ConfigError, load_config, parse_overrides
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", "-c")
+    parser.add_argument("overrides", nargs="*")
+    try:
+        args, _ = parser.parse_known_intermixed_args(argv)
+        load_config(args.config, args.overrides)  # validates; its storage is already resolved
+        raw = Config.model_fields["storage"].default
+        if args.config is not None:
+            import yaml
+
+            raw = (yaml.safe_load(Path(args.config).read_text()) or {}).get("storage", raw)
+        for keys, value in parse_overrides(args.overrides):
+            if keys == ["storage"]:
+                raw = value
+    except (ConfigError, OSError, SystemExit):
+        return None
+    raw = str(raw)
+    return None if "://" in raw or Path(raw).expanduser().is_absolute() else raw
+
+
+def run(stage: str) -> None:
+    """`featmap <stage> <command-line arguments>`, then exit with its code."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from featmap_ray.cli import main
+
+    argv = sys.argv[1:]
+    if os.environ.get(JOB_ENV_VAR) and (raw := _relative_storage(argv)) is not None:
+        print(f"featmap {stage}: storage={raw!r} is a relative path; inside a Ray job it would resolve to "
+              f"{Path(raw).resolve()}, the job's temporary working dir, and be lost with it. "
+              "Pass storage=/absolute/path (or an object-store URI such as s3://bucket/featmap).",
+              file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main([stage, *argv]))
