@@ -62,7 +62,7 @@ class FeatureExtractor:
         features = {}
         try:
             with torch.inference_mode():
-                pixels = torch.from_numpy(store.tensor_numpy(batch["pixels"]))
+                pixels = torch.from_numpy(store.tensor_numpy(batch["pixels"]).copy())  # Arrow memory is read-only
                 x = backbones.normalise(pixels.to(self.device), self.spec)
                 taps = backbones.forward_taps(self.model, self.spec, self.layers, x)
             for layer, t in taps.items():

@@ -5,6 +5,7 @@ import json
 
 import lance
 import numpy as np
+import pyarrow as pa
 import pytest
 import timm
 import torch
@@ -132,3 +133,35 @@ def test_extract_matches_a_direct_timm_forward_for_every_family(ingested):
             stored, ref = _stored_feature(st.features_uri(name, layer), key), reference[layer][0].numpy()
             cos = float((stored * ref).sum() / (np.linalg.norm(stored) * np.linalg.norm(ref)))
             assert cos >= 0.999, (name, layer, cos)
+
+
+def test_extractor_udfs_turn_corrupt_images_nan_maps_and_failed_forwards_into_failure_rows(ingested):
+    from featmap_ray.config import BackboneRequest
+
+    rows = lance.dataset(store.Store(ingested.storage).images_uri).to_table(
+        columns=["source_id", "variant", "split", "class_idx", "image"]).slice(0, 3)
+    rows = rows.set_column(4, "image", pa.array([rows["image"][0].as_py(), b"junk", rows["image"][2].as_py()]))
+    batch = extract.preprocess_batch(rows, 288, frozenset(extract_keys(rows)))
+    assert batch["error_reason"].to_pylist()[1] is not None and "decoding stored image" in batch["error_message"][1].as_py()
+
+    request = BackboneRequest(**tiny_backbone("convnext_base"))
+    extractor = extract.FeatureExtractor(request, ["stage3"], "float16", use_gpu=False, torch_threads=1)
+    out = extractor(batch)
+    assert [r is None for r in out["error_reason"].to_pylist()] == [True, False, True]
+    with torch.no_grad():
+        extractor.model.stages[3].downsample[1].weight.fill_(float("nan"))
+    out = extractor(batch)
+    assert out["error_reason"].to_pylist()[0::2] == ["non_finite", "non_finite"]
+    assert "NaN or Inf" in out["error_message"][0].as_py()
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    extractor.model.forward_intermediates = out_of_memory
+    out = extractor(batch)
+    assert out["error_reason"].to_pylist()[0::2] == ["RuntimeError", "RuntimeError"]
+    assert "out of memory" in out["error_message"][0].as_py() and "feature:stage3" not in out.column_names
+
+
+def extract_keys(table) -> list[tuple[str, str]]:
+    return list(zip(table["source_id"].to_pylist(), table["variant"].to_pylist()))
