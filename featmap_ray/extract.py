@@ -1,8 +1,10 @@
 """Ray Data stage: image variants in `images` -> backbone feature maps in `features/<backbone>/<layer>`.
 
-decode + resize + centre-crop run as CPU tasks; the forward pass runs in an actor pool (the model
-is loaded once per actor, `extract.num_gpus` GPUs each, 0 on CPU). One forward fills every
-requested layer of a backbone. Each layer table only receives the keys it does not hold yet.
+Decode + resize + centre-crop is one map step, the forward pass another, in an actor pool (the
+model is loaded once per actor, `extract.num_gpus` GPUs each, 0 on CPU). With GPUs the decode step
+runs as CPU tasks beside the actors, so a GPU never waits on PNG decoding; on CPU Ray Data fuses the
+two steps into the actor. One forward fills every requested layer of a backbone. Each layer table
+only receives the keys it does not hold yet.
 """
 
 from __future__ import annotations
