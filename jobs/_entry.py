@@ -18,30 +18,23 @@ from pathlib import Path
 JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def _relative_storage(argv: list[str]) -> str | None:
-    """The raw `storage` value (config file, then overrides, else the default) when it is a
-    relative path; None when it is absolute or a URI, or when the config cannot be loaded (then
-    `featmap` itself reports the problem)."""
-    from featmap_ray.config import Config, ConfigError, load_config, parse_overrides
+def _storage_inside_working_dir(argv: list[str]) -> str | None:
+    """The storage root relative to the CWD (the job's temporary working dir) when it lies inside
+    it, where it would be lost with the job; None otherwise, or when the config cannot be loaded
+    (then `featmap` itself reports the problem)."""
+    from featmap_ray.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config", "-c")
     parser.add_argument("overrides", nargs="*")
     try:
         args, _ = parser.parse_known_intermixed_args(argv)
-        load_config(args.config, args.overrides)  # validates; its storage is already resolved
-        raw = Config.model_fields["storage"].default
-        if args.config is not None:
-            import yaml
-
-            raw = (yaml.safe_load(Path(args.config).read_text()) or {}).get("storage", raw)
-        for keys, value in parse_overrides(args.overrides):
-            if keys == ["storage"]:
-                raw = value
-    except (ConfigError, OSError, SystemExit):
+        storage = load_config(args.config, args.overrides).storage  # relative paths resolved against the CWD
+    except (ConfigError, SystemExit):
         return None
-    raw = str(raw)
-    return None if "://" in raw or Path(raw).expanduser().is_absolute() else raw
+    if "://" in storage or not Path(storage).is_relative_to(Path.cwd()):
+        return None
+    return str(Path(storage).relative_to(Path.cwd()))
 
 
 def run(stage: str) -> None:
@@ -50,7 +43,7 @@ def run(stage: str) -> None:
     from featmap_ray.cli import main
 
     argv = sys.argv[1:]
-    if os.environ.get(JOB_ENV_VAR) and (raw := _relative_storage(argv)) is not None:
+    if os.environ.get(JOB_ENV_VAR) and (raw := _storage_inside_working_dir(argv)) is not None:
         print(f"featmap {stage}: storage={raw!r} is a relative path; inside a Ray job it would resolve to "
               f"{Path(raw).resolve()}, the job's temporary working dir, and be lost with it. "
               "Pass storage=/absolute/path (or an object-store URI such as s3://bucket/featmap).",
