@@ -99,7 +99,10 @@ def _create(spec: BackboneSpec, req: BackboneRequest, pretrained: bool) -> torch
     if spec.features_only:
         kwargs["features_only"] = True
     if pretrained and req.checkpoint:
-        kwargs["pretrained_cfg_overlay"] = {"file": req.checkpoint}
+        overlay = {"file": req.checkpoint}
+        if "num_classes" in kwargs:  # else timm drops a fine-tuned head as a 1000-class mismatch
+            overlay["num_classes"] = kwargs["num_classes"]
+        kwargs["pretrained_cfg_overlay"] = overlay
     return timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
 
 

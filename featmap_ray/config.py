@@ -109,6 +109,159 @@ class ExtractConfig(_Strict):
     rows_per_commit: int = Field(64, ge=1)  # rows per Lance fragment/commit: the resume granularity
 
 
+class MappingGroup(_Strict):
+    """One manipulation group of a study: every manipulation x every model family."""
+
+    manipulations: list[str] = Field(..., min_length=1)
+    models: list[str] = Field(..., min_length=1)
+    # Geometric "apply" group: the exact feature-map rotation/flip first, the model learns the rest.
+    apply_transform: bool = False
+
+
+class MappingTarget(_Strict):
+    """The (backbone, layer) feature maps a study maps, with the normalisation choice for them."""
+
+    backbone: str
+    layers: list[str] = Field(..., min_length=1)
+    # Per-channel standardisation with statistics of all training originals, on inputs and
+    # targets, inverted on outputs (the paper: on for ConvNeXt stage0-2, off for stage3).
+    normalise: bool = True
+
+
+class MappingTraining(_Strict):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(32, ge=1)
+    accumulate: int = Field(2, ge=1)  # optimiser step every N batches (effective batch 64)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(6, ge=1)  # early stopping on val_loss
+    min_delta: float = Field(1e-3, ge=0)
+    plateau_patience: int = Field(8, ge=1)  # ReduceLROnPlateau
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    min_lr: float = Field(1e-6, ge=0)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    max_train_pairs: int | None = Field(8000, ge=1)  # seeded subset per manipulation; None = all
+    shuffle_buffer: int = Field(1024, ge=1)  # pairs in Ray Data's local shuffle buffer
+    seed: int = 42
+
+
+class MappingResources(_Strict):
+    # Ray Train workers per run (DDP). At least 1: Train's local mode cannot run inside Tune trials.
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    max_concurrent: int | None = Field(None, ge=1)  # runs at once; None = what the cluster fits
+    max_failures: int = Field(1, ge=0)  # restarts of a run from its last checkpoint
+
+
+class SweepConfig(_Strict):
+    """Ray Tune search over one family's hyper-parameters, on one (backbone, layer, manipulation)."""
+
+    model: str = "mlp"
+    backbone: str | None = None  # None: the first mapping target
+    layer: str | None = None
+    manipulation: str = "hue_shift_60"
+    apply_transform: bool = False  # geometric manipulations: the exact spatial transform first
+    num_samples: int = Field(8, ge=1)
+    # name -> {type: loguniform|uniform|choice|randint, ...}: lr, hidden, num_layers, dropout,
+    # loss weights (loss.<term>) ...
+    space: dict[str, dict[str, Any]] = {
+        "lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2},
+        "hidden": {"type": "choice", "values": [128, 256, 512]},
+        "dropout": {"type": "uniform", "low": 0.0, "high": 0.4},
+    }
+    grace_period: int = Field(2, ge=1)  # ASHA: epochs before a trial may be stopped
+    reduction_factor: int = Field(3, ge=2)
+
+
+class MappingConfig(_Strict):
+    study: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")  # MLflow parent run, run folder
+    targets: list[MappingTarget] = []  # empty: every extracted (backbone, layer)
+    # dataset name -> group name -> group; empty: the paper's groups on this config's dataset.
+    datasets: dict[str, dict[str, MappingGroup]] = {}
+    losses: dict[str, str | dict[str, float]] = {"paper": {"mse": 0.3, "median_cos": 0.7}}
+    loss_options: dict[str, dict[str, Any]] = {}  # per loss term, e.g. {huber: {delta: 0.5}}
+    model_hparams: dict[str, dict[str, Any]] = {}  # per family, e.g. {transformer: {positional: learned}}
+    training: MappingTraining = MappingTraining()
+    resources: MappingResources = MappingResources()
+    sweep: SweepConfig = SweepConfig()
+    refit: bool = False  # re-train runs that already finished instead of skipping them
+
+
+class EvaluateConfig(_Strict):
+    split: str = "test"
+    max_pairs: int | None = Field(None, ge=1)  # seeded subset of test pairs per run; None = all
+    batch_size: int = Field(64, ge=1)
+    # The classifier whose head runs on mapped features: None = each backbone as extracted
+    # (its timm head); a fine-tuned one via checkpoint + model_kwargs {num_classes: N}.
+    classifier: BackboneRequest | None = None
+    truncation_ranks: list[int] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    analysis_samples: int = Field(200, ge=1)  # test originals for the weight-vs-bias measures
+    seed: int = 42
+
+
+
+class FeatInvSampling(_Strict):
+    """The reconstruct job: which feature maps, how they are sampled, where it runs."""
+
+    steps: int = Field(50, ge=1)  # DDIM steps, eta 0
+    guidance: float = Field(1.75, ge=0)  # text-only classifier-free guidance (paper: 1.75 unpooled, 8 pooled)
+    seed: int = 100  # the reference samples every image with seed 100; sample i of a map uses seed + i
+    num_samples: int = Field(1, ge=1)  # reconstructions per feature map
+    prompt: str = "a high-quality, detailed, and professional image, "  # the reference's text, trailing ", " included
+    negative_prompt: str = ""
+    control_scale: float = Field(1.0, ge=0)  # multiplies the 13 ControlNet residuals
+    split: str | None = None  # feature maps of this split only; None = every split
+    variants: list[str] | None = ["original"]  # None = every variant
+    limit: int | None = Field(None, ge=1)  # the first N (source_id, variant) keys in sorted order
+    batch_size: int = Field(8, ge=1)
+    num_actors: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)  # per actor; 0 runs on CPU
+    rows_per_commit: int = Field(16, ge=1)
+
+
+class FeatInvTraining(_Strict):
+    run_name: str = Field("featinv", pattern=r"^[A-Za-z0-9_.-]+$")  # checkpoints in <storage>/featinv/<run_name>
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(8, ge=1)  # per worker
+    max_steps: int = Field(10_000, ge=1)  # a re-run with a larger value continues from the last checkpoint
+    conditioning_dropout: float = Field(0.15, ge=0, le=1)  # feature map -> zeros and prompt -> "" together
+    # "on_the_fly": the backbone runs on the training worker (allows flip augmentation, like the
+    # reference); "table": the maps stored by `featmap extract`.
+    features_source: Literal["table", "on_the_fly"] = "on_the_fly"
+    hflip: bool = True  # on_the_fly only: flip half the images before feature extraction
+    split: str | None = "train"  # None = every split
+    variants: list[str] | None = None  # image variants to train on; None = all (originals and manipulations)
+    shuffle_buffer: int = Field(256, ge=1)  # rows in Ray Data's local shuffle buffer
+    log_every: int = Field(10, ge=1)  # steps per logged (mean) loss
+    sample_every: int = Field(1000, ge=1)  # steps per logged grid of sample reconstructions
+    sample_steps: int = Field(20, ge=1)  # DDIM steps of those samples
+    checkpoint_every: int = Field(1000, ge=1)
+    num_workers: int = Field(1, ge=0)  # Ray Train workers (DDP); 0 = in the driver process
+    use_gpu: bool = False
+    seed: int = 0
+
+
+class FeatInvEval(_Strict):
+    # torchvision Inception-v3 state dict (local file) for FID; None: the backbone's pooled final features.
+    fid_inception_weights: str | None = None
+
+
+class FeatInvConfig(_Strict):
+    backbone: str | None = None  # the name of an extract.backbones entry (its weights are used); None = the first
+    layer: str | None = None  # None = that entry's last layer
+    # Stable Diffusion 1.x in diffusers layout: a local folder or a hub id in the local HF cache,
+    # or "tiny" for random tiny models (tests and demos only).
+    base_model: str = "lambdalabs/miniSD-diffusers"
+    controlnet: str | None = None  # a trained FeatInv ControlNet folder; None = fresh from the base UNet
+    pooled: bool = False  # the paper's pooled variant: the map's channel means, tiled
+    encoder_hidden_channels: int = Field(512, ge=1)  # width of the feature encoder (reference 512)
+    sampling: FeatInvSampling = FeatInvSampling()
+    training: FeatInvTraining = FeatInvTraining()
+    eval: FeatInvEval = FeatInvEval()
+
+
 class Config(_Strict):
     storage: str = "featmap_data"  # root of every table; a local folder or an object-store URI
     ray: RayConfig = RayConfig()
@@ -116,12 +269,22 @@ class Config(_Strict):
     dataset: DatasetConfig
     manipulate: ManipulateConfig = ManipulateConfig()
     extract: ExtractConfig = ExtractConfig()
+    mapping: MappingConfig = MappingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    featinv: FeatInvConfig = FeatInvConfig()
 
     @model_validator(mode="after")
     def _absolute_storage(self) -> Config:
         # Resolved once, here: Ray Tune trials and job working dirs change the process CWD.
         if "://" not in self.storage:
             self.storage = str(Path(self.storage).expanduser().resolve())
+        return self
+
+    @model_validator(mode="after")
+    def _featinv_backbone_is_extracted(self) -> Config:
+        names = [b.name for b in self.extract.backbones]
+        if self.featinv.backbone is not None and self.featinv.backbone not in names:
+            raise ValueError(f"featinv.backbone {self.featinv.backbone!r} must name an extract.backbones entry {names}")
         return self
 
     def dump(self) -> str:

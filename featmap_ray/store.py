@@ -5,6 +5,7 @@ Layout under one storage root (a local folder or an object-store URI):
     images.lance                      originals and manipulated variants, key (source_id, variant)
     features/<backbone>/<layer>.lance one (C, H, W) tensor per image variant, same key
     errors.lance                      what failed and why, key (stage, key)
+    reconstructions/<backbone>/<layer>.lance  FeatInv images of feature maps, key (source_id, variant, generator, seed)
 
 Stages write through `KeyedLanceSink`, a Ray Data datasink whose every write task writes its rows
 as Lance fragments and commits them at once (Lance appends from many writers do not conflict).
@@ -60,6 +61,31 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("recorded_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+RECONSTRUCTION_KEY = ("source_id", "variant", "generator", "seed")
+
+
+def reconstructions_schema(metadata: dict[str, Any]) -> pa.Schema:
+    """Schema of a reconstructions table; `metadata` records the FeatInv model and sampling settings."""
+    return pa.schema(
+        [
+            pa.field("source_id", pa.string(), nullable=False),
+            pa.field("variant", pa.string(), nullable=False),
+            pa.field("generator", pa.string(), nullable=False),  # what produced the map: "extracted" or a mapping
+            pa.field("seed", pa.int64(), nullable=False),  # of the initial latent
+            pa.field("split", pa.string()),
+            pa.field("class_idx", pa.int32()),
+            pa.field("image", pa.binary()),  # PNG of the reconstruction
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("cosine", pa.float32()),  # median over positions: source map vs the reconstruction's map
+            pa.field("source_top1", pa.int32()),  # classifier top-1 of the stored source image (null: none)
+            pa.field("top1_match", pa.bool_()),  # the reconstruction's top-1 is the source's top-1
+            pa.field("top5_match", pa.bool_()),  # the source's top-1 is in the reconstruction's top-5
+        ],
+        metadata={"featmap": json.dumps(metadata, sort_keys=True)},
+    )
+
 
 # Columns a stage's batches carry besides the table columns: null when the row succeeded.
 ERROR_COLUMNS = ("error_reason", "error_message")
@@ -154,6 +180,9 @@ class Store:
     def features_uri(self, backbone: str, layer: str) -> str:
         return self.uri("features", backbone, layer)
 
+    def reconstructions_uri(self, backbone: str, layer: str) -> str:
+        return self.uri("reconstructions", backbone, layer)
+
     # -- reading -----------------------------------------------------------------------------
     def open(self, uri: str) -> lance.LanceDataset | None:
         return open_table(uri)
@@ -165,6 +194,16 @@ class Store:
     def keys(self, uri: str, filter: str | None = None) -> set[tuple[str, str]]:
         ds = self.open(uri)
         return set() if ds is None else set(_keys(ds.to_table(columns=list(KEY), filter=filter)))
+
+    def rows(self, uri: str, keys: Iterable[tuple[str, str]], columns: list[str]) -> pa.Table:
+        """The rows of the (source_id, variant) `keys` that the table holds: key columns + `columns`."""
+        wanted = set(keys)
+        ds = self.open(uri)
+        if ds is None or not wanted:
+            return pa.table({c: pa.array([], pa.string()) for c in KEY})
+        ids = sorted({s for s, _ in wanted})
+        table = ds.to_table(columns=[*KEY, *columns], filter=f"source_id IN ({_sql_list(ids)})")
+        return table.filter(pa.array([k in wanted for k in _keys(table)], type=pa.bool_()))
 
     def read_ray(self, uri: str, columns: list[str] | None = None, filter: str | None = None):
         import ray.data
@@ -210,6 +249,7 @@ class Target:
     uri: str
     schema: pa.Schema
     columns: dict[str, str] = field(default_factory=dict)
+    key: tuple[str, ...] = KEY  # the columns that identify a row: a key already stored is not written again
 
     def rows(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:  # e.g. a batch whose forward pass failed carries no feature columns
@@ -218,20 +258,20 @@ class Target:
         return batch.select([self.columns.get(n, n) for n in names]).rename_columns(names).cast(self.schema)
 
 
-def _keys(table: pa.Table) -> list[tuple[str, str]]:
-    return list(zip(table["source_id"].to_pylist(), table["variant"].to_pylist(), strict=True))
+def _keys(table: pa.Table, key: tuple[str, ...] = KEY) -> list[tuple]:
+    return list(zip(*(table[c].to_pylist() for c in key), strict=True))
 
 
-def _commit_new_rows(uri: str, table: pa.Table) -> int:
+def _commit_new_rows(uri: str, table: pa.Table, key: tuple[str, ...] = KEY) -> int:
     """Append the rows whose keys the table does not hold yet, as one commit; returns their number.
 
     Checking at commit time (not only when the stage starts) keeps a retried write task or a
     second concurrent run of the same stage from adding duplicates."""
     ds = lance.dataset(uri)
     ids = sorted(set(table["source_id"].to_pylist()))
-    stored = set(_keys(ds.to_table(columns=list(KEY), filter=f"source_id IN ({_sql_list(ids)})")))
+    stored = set(_keys(ds.to_table(columns=list(key), filter=f"source_id IN ({_sql_list(ids)})"), key))
     if stored:
-        table = table.filter(pa.array([k not in stored for k in _keys(table)], type=pa.bool_()))
+        table = table.filter(pa.array([k not in stored for k in _keys(table, key)], type=pa.bool_()))
     if table.num_rows:
         fragments = lance.fragment.write_fragments(table, uri, schema=table.schema)
         # commit() rebases on concurrent appends (they never conflict) and retries by itself.
@@ -272,7 +312,7 @@ class KeyedLanceSink(Datasink):
         written = {}
         for target in self.targets:
             rows = target.rows(ok)
-            written[target.uri] = _commit_new_rows(target.uri, rows) if rows.num_rows else 0
+            written[target.uri] = _commit_new_rows(target.uri, rows, target.key) if rows.num_rows else 0
         bad = batch.filter(failed)
         failed_rows = [
             {"key": key_string(r["source_id"], r["variant"]), "source_id": r["source_id"], "variant": r["variant"],

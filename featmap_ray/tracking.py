@@ -51,3 +51,71 @@ def stage_run(cfg: Config, stage: str) -> Iterator[object]:
             path.write_text(cfg.dump())
             mlflow.log_artifact(str(path))
         yield run
+
+
+def child_run(cfg: Config, name: str, tags: dict[str, str], *, parent: str | None, params: dict[str, object]):
+    """An MLflow run for one mapping run, nested under `parent`; an unfinished run of the same name
+    (a crashed attempt) is reused, so a resumed run keeps one MLflow run. Returns (client, run_id)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(tracking_uri(cfg))
+    exp = experiment_id(cfg)
+    found = client.search_runs([exp], filter_string=f"tags.`featmap.run` = '{name}' AND attributes.status != 'FINISHED'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return client, run_id
+    all_tags = {**tags, "featmap.run": name, "mlflow.runName": name}
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp, run_name=name, tags=all_tags)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+    return client, run.info.run_id
+
+
+def finish_child_run(client, run_id: str, metrics: dict[str, float], artefacts: Path) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    client.log_artifacts(run_id, str(artefacts), artifact_path="mapping")
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def study_run(cfg: Config, kind: str) -> str:
+    """The parent MLflow run of a study's `kind` (fit, sweep, evaluate...): one per study, reused
+    when the study is re-run, so its mapping runs stay nested under one parent."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    exp = experiment_id(cfg)
+    name = f"{cfg.mapping.study}:{kind}"
+    found = client.search_runs([exp], filter_string=f"tags.`featmap.run` = '{name}'", max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(exp, run_name=name, tags={"featmap.run": name, "featmap.study": cfg.mapping.study,
+                                                      "stage": kind, "dataset": cfg.dataset.name})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "config.yaml")
+        path.write_text(cfg.dump())
+        client.log_artifact(run.info.run_id, str(path))
+    return run.info.run_id
+
+
+def end_study_run(cfg: Config, run_id: str, metrics: dict[str, float], artefacts: Path | None = None) -> None:
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri(cfg))
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    if artefacts is not None:
+        client.log_artifacts(run_id, str(artefacts))
+    client.set_terminated(run_id, status="FINISHED")

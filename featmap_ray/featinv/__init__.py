@@ -1,0 +1,1 @@
+"""FeatInv: a ControlNet on Stable Diffusion that turns a backbone's feature map back into an image."""

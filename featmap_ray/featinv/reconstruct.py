@@ -1,0 +1,391 @@
+"""Ray Data job: feature maps -> FeatInv reconstructions, with metrics, in `reconstructions/<backbone>/<layer>`.
+
+An actor pool (`featinv.sampling.num_actors` actors, `num_gpus` each) loads the FeatInv model and
+the backbone once per actor and samples a batch of feature maps at a time. Each row is keyed
+(source_id, variant, generator, seed): `generator` names what produced the map ("extracted" for
+the maps of `featmap extract`, a mapping's name for mapped maps) and `seed` seeds the initial
+latent (the reference uses 100 for every image: `sampling.seed`; sample i of a map uses seed + i).
+Per row the job stores the PNG, the median per-position cosine between the map and the
+reconstruction's map, and whether the backbone's classifier agrees on the reconstruction and the
+stored source image of the same key (top-1 / top-5(1) match). Then FID over every stored row of the
+generator. Maps with the wrong shape or NaNs become rows of errors.lance; a re-run skips stored keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from featmap_ray import backbones, imageio, store
+from featmap_ray.config import BackboneRequest, Config
+from featmap_ray.featinv import metrics
+
+STAGE = "reconstruct"
+EXTRACTED = "extracted"  # the generator of the maps in the features table
+LABELS = ("source_id", "variant", "split", "class_idx")
+ROW_METRICS = ("cosine", "top1_match", "top5_match")
+GENERATOR_NAME = re.compile(r"^[A-Za-z0-9_.:/=+-]+$")
+
+
+class ReconstructionsMismatch(ValueError):
+    """A reconstructions table exists but was made with another FeatInv model or sampling setting."""
+
+
+# -- From the configuration to models (shared with train.py) ----------------------------------
+
+def featinv_backbone(cfg: Config) -> tuple[BackboneRequest, str]:
+    """The extract.backbones entry FeatInv inverts (featinv.backbone, else the first) and its layer
+    (featinv.layer, else the entry's last layer)."""
+    fi = cfg.featinv
+    if not cfg.extract.backbones:
+        raise ValueError("featinv needs a backbone: extract.backbones is empty")
+    request = next(r for r in cfg.extract.backbones if r.name == fi.backbone) if fi.backbone else cfg.extract.backbones[0]
+    spec = backbones.get_spec(request.name)
+    layer = fi.layer or backbones.resolve_layers(spec, request.layers)[-1]
+    return request, backbones.resolve_layers(spec, [layer])[0]
+
+
+def base_components(name: str):
+    """(vae, text_encoder, tokenizer, unet): random tiny models for "tiny", else Stable Diffusion at `name`."""
+    from featmap_ray.featinv import model
+
+    return model.tiny_base_components(seed=0) if name == "tiny" else model.load_base_components(name)
+
+
+def featinv_components(cfg: Config, controlnet_dir: str | None = None):
+    """The FeatInv model of the config: the ControlNet in `controlnet_dir` or `featinv.controlnet`,
+    else a fresh one made from the base UNet (seeded: every worker and actor builds the same)."""
+    from featmap_ray.featinv import model
+
+    fi = cfg.featinv
+    request, layer = featinv_backbone(cfg)
+    base = base_components(fi.base_model)
+    path = controlnet_dir or fi.controlnet
+    if path:
+        components = model.load_featinv(path, base)
+        trained_on = (components.controlnet.config.backbone, components.controlnet.config.layer)
+        if None not in trained_on and trained_on != (request.name, layer):
+            raise ValueError(f"FeatInv ControlNet {path} inverts {trained_on[0]}/{trained_on[1]}, but the config "
+                             f"selects {request.name}/{layer} (featinv.backbone / featinv.layer)")
+        return components
+    channels, height, width = backbones.feature_shapes(backbones.get_spec(request.name), request, [layer])[layer]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.featinv.training.seed)
+        return model.build_featinv(base, feature_channels=channels, pooled=fi.pooled, backbone=request.name, layer=layer,
+                                   feature_height=height, feature_width=width,
+                                   encoder_hidden_channels=fi.encoder_hidden_channels)
+
+
+def backbone_view(png: bytes, size: int) -> np.ndarray:
+    """A stored image as the backbone sees it: uint8 (size, size, 3), resized and centre-cropped."""
+    return np.asarray(imageio.resize_center_crop(Image.fromarray(imageio.decode_png_rgb(png)), size))
+
+
+def _use_cores(use_gpu: bool) -> torch.device:
+    if not use_gpu:
+        # Ray sets OMP_NUM_THREADS to the actor's CPU count (1); use the node's cores instead.
+        torch.set_num_threads(os.cpu_count() or 1)
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+def _source_views(st: store.Store, keys: list[tuple[str, str]], size: int) -> dict[tuple[str, str], np.ndarray]:
+    table = st.rows(st.images_uri, keys, ["image"])
+    return {(r["source_id"], r["variant"]): backbone_view(r["image"], size) for r in table.to_pylist()}
+
+
+# -- The Ray Data stage ------------------------------------------------------------------------
+
+def select_pending(batch: dict[str, np.ndarray], seeds: list[int], done: frozenset[tuple[str, str, int]],
+                   keep: frozenset[tuple[str, str]] | None) -> dict[str, np.ndarray]:
+    """Ray Data UDF: the feature maps (in `keep`, when given) with the seeds they are not stored with yet."""
+    rows, pending = [], []
+    for i, key in enumerate(zip(batch["source_id"], batch["variant"], strict=True)):
+        todo = [seed for seed in seeds if (*key, seed) not in done]
+        if todo and (keep is None or key in keep):
+            rows.append(i)
+            pending.append(todo)
+    out = {k: batch[k][rows] for k in (*LABELS, "feature")}
+    out["seeds"] = np.empty(len(rows), object)  # one list per map
+    for i, todo in enumerate(pending):
+        out["seeds"][i] = todo
+    return out
+
+
+class Reconstructor:
+    """Ray Data actor: feature maps + seeds -> reconstruction rows (PNG and per-row metrics) or failure rows."""
+
+    def __init__(self, cfg: Config, generator: str, schema: pa.Schema):
+        self.device = _use_cores(cfg.featinv.sampling.num_gpus > 0)
+        self.sampling = cfg.featinv.sampling
+        self.components = featinv_components(cfg).to(self.device)
+        request, layer = featinv_backbone(cfg)
+        self.probe = metrics.BackboneProbe(request, layer, self.device)
+        self.store = store.Store(cfg.storage)
+        self.generator, self.schema = generator, store.with_error_columns(schema)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from featmap_ray.featinv import model, sample
+
+        rows, features, good = [], [], []
+        for i, seeds in enumerate(batch["seeds"]):
+            labels = {k: batch[k][i] for k in LABELS}
+            feature = torch.as_tensor(np.asarray(batch["feature"][i], np.float32))[None]
+            try:
+                self.components.controlnet.check_features(feature)
+            except model.FeatureMismatch as e:  # one failure row per map, whatever the number of seeds
+                rows.append({**labels, "generator": self.generator, "seed": int(seeds[0]),
+                             **store.failure("feature_mismatch", f"{labels['source_id']}/{labels['variant']} "
+                                                                 f"({self.generator}): {e}")})
+                continue
+            for seed in seeds:
+                rows.append({**labels, "generator": self.generator, "seed": int(seed)})
+                features.append(feature)
+                good.append(rows[-1])
+        if good:
+            try:
+                self._reconstruct(torch.cat(features).to(self.device), good, sample)
+            except Exception as e:  # e.g. out of memory: the batch is recorded as failed, the job goes on
+                for row in good:
+                    row.update(store.failure(type(e).__name__, f"FeatInv sampling of {row['source_id']}/{row['variant']}: {e}"))
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+    def _reconstruct(self, features: torch.Tensor, rows: list[dict], sample) -> None:
+        s = self.sampling
+        images = sample.reconstruct(self.components, features, [r["seed"] for r in rows], steps=s.steps,
+                                    guidance=s.guidance, prompt=s.prompt, negative_prompt=s.negative_prompt,
+                                    control_scale=s.control_scale)
+        pixels = torch.from_numpy(images)
+        cosine = metrics.median_cosine(features, self.probe.features(pixels)).tolist()
+        agreement = [(None, None, None)] * len(rows)
+        if self.probe.has_classifier:
+            keys = [(r["source_id"], r["variant"]) for r in rows]
+            sources = _source_views(self.store, keys, self.probe.spec.input_size)
+            have = [i for i, k in enumerate(keys) if k in sources]
+            if have:
+                source_logits = self.probe.logits(torch.from_numpy(np.stack([sources[keys[i]] for i in have])))
+                top1, match1, match5 = metrics.classifier_agreement(source_logits, self.probe.logits(pixels[have]))
+                for j, i in enumerate(have):
+                    agreement[i] = (int(top1[j]), bool(match1[j]), bool(match5[j]))
+        for row, image, cos, (top1, match1, match5) in zip(rows, images, cosine, agreement, strict=True):
+            row.update(image=imageio.encode_png(Image.fromarray(image)), width=image.shape[1], height=image.shape[0],
+                       cosine=cos, source_top1=top1, top1_match=match1, top5_match=match5)
+
+
+# -- Evaluation over the stored rows ------------------------------------------------------------
+
+class FidFeatures:
+    """Ray Data actor: stored reconstructions -> FID features of each and of its stored source image,
+    with the row's per-row metrics as floats (NaN where null)."""
+
+    def __init__(self, cfg: Config):
+        device = _use_cores(cfg.featinv.sampling.num_gpus > 0)
+        request, layer = featinv_backbone(cfg)
+        self.probe = metrics.BackboneProbe(request, layer, device)
+        self.extractor = metrics.fid_extractor(cfg.featinv.eval.fid_inception_weights, self.probe)
+        self.store = store.Store(cfg.storage)
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        keys = list(zip(batch["source_id"].to_pylist(), batch["variant"].to_pylist(), strict=True))
+        images = np.stack([imageio.decode_png_rgb(png) for png in batch["image"].to_pylist()])
+        reconstruction = self.extractor(torch.from_numpy(images))
+        sources = _source_views(self.store, keys, self.probe.spec.input_size)
+        have = np.array([k in sources for k in keys], bool)
+        source = np.full_like(reconstruction, np.nan)
+        if have.any():
+            source[have] = self.extractor(torch.from_numpy(np.stack([sources[k] for k in keys if k in sources])))
+        out = {"reconstruction": reconstruction.astype(np.float32), "source": source.astype(np.float32), "has_source": have}
+        for name in ROW_METRICS:
+            out[name] = batch[name].cast(pa.float64()).to_numpy(zero_copy_only=False)
+        return out
+
+
+@dataclass
+class ReconstructionMetrics:
+    generator: str
+    rows: int
+    cosine: float | None  # mean over rows of the median per-position cosine
+    top1_match: float | None  # fractions over rows with a classifier prediction of the source image
+    top5_match: float | None
+    fid: float | None  # None with fewer than 2 rows that have a stored source image
+    fid_extractor: str
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        values = {"rows": self.rows, "cosine": self.cosine, "top1_match": self.top1_match,
+                  "top5_match": self.top5_match, "fid": self.fid}
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+    def __str__(self) -> str:
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.4f}"
+
+        return (f"[{STAGE}:{self.generator}] {self.rows} reconstructions: cosine {fmt(self.cosine)}, "
+                f"top-1 match {fmt(self.top1_match)}, top-5(1) match {fmt(self.top5_match)}, "
+                f"FID {fmt(self.fid)} ({self.fid_extractor})")
+
+
+def _seeds(cfg: Config) -> list[int]:
+    s = cfg.featinv.sampling
+    return [s.seed + i for i in range(s.num_samples)]
+
+
+def _rows_filter(generator: str, seeds: Iterable[int]) -> str:
+    if not GENERATOR_NAME.match(generator):
+        raise ValueError(f"generator {generator!r}: use letters, digits and _.:/=+- only")
+    return f"generator = '{generator}' AND seed IN ({', '.join(str(s) for s in seeds)})"
+
+
+def evaluate(cfg: Config, generator: str) -> ReconstructionMetrics:
+    """Metrics over every stored reconstruction of `generator` with the configured seeds."""
+    import ray.data
+
+    request, layer = featinv_backbone(cfg)
+    st = store.Store(cfg.storage)
+    s = cfg.featinv.sampling
+    ds = st.read_ray(st.reconstructions_uri(request.name, layer), columns=["source_id", "variant", "image", *ROW_METRICS],
+                     filter=_rows_filter(generator, _seeds(cfg)))
+    features = ds.map_batches(FidFeatures, fn_constructor_args=(cfg,), batch_size=s.batch_size, batch_format="pyarrow",
+                              compute=ray.data.ActorPoolStrategy(size=s.num_actors), num_gpus=s.num_gpus)
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in features.iter_batches(batch_format="numpy", batch_size=None):
+        for name, values in batch.items():
+            parts.setdefault(name, []).append(values)
+    columns = {name: np.concatenate(values) for name, values in parts.items()}
+
+    def mean(name: str) -> float | None:
+        values = columns.get(name, np.zeros(0))
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if len(values) else None
+
+    fid = None
+    have = columns.get("has_source", np.zeros(0, bool))
+    if have.sum() >= 2:
+        fid = metrics.fid(columns["source"][have], columns["reconstruction"][have])
+    name = metrics.fid_extractor_name(cfg.featinv.eval.fid_inception_weights, backbones.get_spec(request.name))
+    return ReconstructionMetrics(generator, len(have), mean("cosine"), mean("top1_match"), mean("top5_match"), fid, name)
+
+
+# -- The job ------------------------------------------------------------------------------------
+
+@dataclass
+class ReconstructReport(store.StageSummary):
+    """The stage summary plus the metrics over every stored row of the generator."""
+
+    metrics: ReconstructionMetrics | None = None
+
+    def __str__(self) -> str:
+        return super().__str__() + (f"\n{self.metrics}" if self.metrics else "")
+
+
+def made_with(cfg: Config, request: BackboneRequest, layer: str) -> dict[str, object]:
+    """What a reconstruction depends on besides its key: recorded in the table, checked on re-runs."""
+    fi, s = cfg.featinv, cfg.featinv.sampling
+    return {"backbone": request.name, "layer": layer, "base_model": fi.base_model,
+            "controlnet": fi.controlnet or f"fresh from the base UNet (pooled={fi.pooled})", "steps": s.steps,
+            "guidance": s.guidance, "prompt": s.prompt, "negative_prompt": s.negative_prompt,
+            "control_scale": s.control_scale}
+
+
+def check_made_with(st: store.Store, uri: str, meta: dict[str, object]) -> None:
+    """Refuse to add rows to a table whose rows came from another model or sampling setting."""
+    ds = st.open(uri)
+    if ds is None:
+        return
+    stored = json.loads((ds.schema.metadata or {}).get(b"featmap", b"{}"))
+    differs = {k: (stored.get(k), v) for k, v in meta.items() if stored.get(k) != v}
+    if differs:
+        lines = "\n".join(f"  {k}: table {old!r}, this run {new!r}" for k, (old, new) in differs.items())
+        raise ReconstructionsMismatch(f"{uri} holds reconstructions made with other settings:\n{lines}\n"
+                                      "Use another storage root, or delete the table to replace them.")
+
+
+@contextlib.contextmanager
+def _mlflow_run(cfg: Config, name: str) -> Iterator[None]:
+    """A run of its own, or a child of the caller's active run (e.g. the CLI's stage run)."""
+    import mlflow
+
+    from featmap_ray import tracking
+
+    active = mlflow.active_run()
+    if active is None:
+        with tracking.stage_run(cfg, name):
+            yield
+    else:
+        with mlflow.start_run(run_name=name, nested=True, experiment_id=active.info.experiment_id):
+            yield
+
+
+def _log(cfg: Config, report: ReconstructReport) -> None:
+    import mlflow
+
+    m = report.metrics
+    with _mlflow_run(cfg, report.stage):
+        mlflow.set_tags({"generator": m.generator, "fid_extractor": m.fid_extractor})
+        mlflow.log_metrics({**m.mlflow_metrics(), "written": sum(report.written.values()), "skipped": report.skipped,
+                            "failed": report.failed})
+
+
+def reconstruct_dataset(cfg: Config, ds, generator: str, *, keys: Iterable[tuple[str, str]] | None = None) -> ReconstructReport:
+    """Reconstruct every feature map of `ds` (columns source_id, variant, split, class_idx and a
+    (C, H, W) tensor `feature`) that the table lacks for `generator` and the configured seeds, then
+    evaluate all stored rows of the generator and log an MLflow run. `keys` restricts `ds` to those
+    (source_id, variant) keys (and makes the skipped count exact)."""
+    import ray.data
+
+    request, layer = featinv_backbone(cfg)
+    st = store.Store(cfg.storage)
+    s = cfg.featinv.sampling
+    uri = st.reconstructions_uri(request.name, layer)
+    meta = made_with(cfg, request, layer)
+    check_made_with(st, uri, meta)
+    schema = store.reconstructions_schema(meta)
+    seeds = _seeds(cfg)
+    done = frozenset((sid, variant, seed) for seed in seeds
+                     for sid, variant in st.keys(uri, filter=_rows_filter(generator, [seed])))
+    keep = None if keys is None else frozenset(keys)
+    skipped = len(done) if keep is None else sum((sid, variant) in keep for sid, variant, _ in done)
+    pipeline = None
+    if keep is None or len(keep) * len(seeds) > skipped:
+        pipeline = (
+            ds.map_batches(select_pending, batch_size=s.batch_size, batch_format="numpy",
+                           fn_kwargs={"seeds": seeds, "done": done, "keep": keep})
+            .map_batches(Reconstructor, batch_size=s.batch_size, batch_format="numpy",
+                         fn_constructor_args=(cfg, generator, schema),
+                         compute=ray.data.ActorPoolStrategy(size=s.num_actors), num_gpus=s.num_gpus)
+        )
+    summary = store.write_stage(st, f"{STAGE}:{generator}", pipeline,
+                                [store.Target(uri, schema, key=store.RECONSTRUCTION_KEY)],
+                                rows_per_commit=s.rows_per_commit, skipped=skipped)
+    report = ReconstructReport(**summary.__dict__, metrics=evaluate(cfg, generator))
+    _log(cfg, report)
+    return report
+
+
+def _quoted(values: Iterable[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+def run(cfg: Config) -> ReconstructReport:
+    """Reconstruct the selected maps of the features table (featinv.sampling.split / variants / limit)."""
+    request, layer = featinv_backbone(cfg)
+    st = store.Store(cfg.storage)
+    s = cfg.featinv.sampling
+    uri = st.features_uri(request.name, layer)
+    conditions = [f"split = {_quoted([s.split])}"] if s.split else []
+    if s.variants:
+        conditions.append(f"variant IN ({_quoted(s.variants)})")
+    where = " AND ".join(conditions) or None
+    keys = sorted(st.keys(uri, filter=where))
+    if not keys:
+        raise FileNotFoundError(f"no feature maps in {uri}" + (f" where {where}" if where else "")
+                                + ": run `featmap extract` first (or check featinv.sampling.split / variants)")
+    ds = st.read_ray(uri, columns=[*LABELS, "feature"], filter=where)
+    return reconstruct_dataset(cfg, ds, EXTRACTED, keys=keys[: s.limit])

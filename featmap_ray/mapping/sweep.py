@@ -1,0 +1,149 @@
+"""Ray Tune search over one mapping family's hyper-parameters, with ASHA early stopping.
+
+Each trial is a function that fits a TorchTrainer (the Train V2 pattern) and reports every
+epoch to Tune through `TuneReportCallback`; ASHA stops unpromising trials after
+`grace_period` epochs. A search-space key is a training setting (lr, weight_decay, batch_size,
+...), a hyper-parameter of the family (hidden, num_layers, dropout, ...), or a loss weight
+written `loss.<term>` (e.g. loss.mse, loss.median_cos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from featmap_ray import store, tracking
+from featmap_ray.config import Config, MappingTraining
+from featmap_ray.mapping import study
+from featmap_ray.mapping.train import fit_run, publish
+
+DOMAINS = ("loguniform", "uniform", "choice", "randint", "grid")
+
+
+def sweep_root(cfg: Config) -> Path:
+    return Path(cfg.storage) / "mapping" / "sweeps" / cfg.mapping.study
+
+
+def base_spec(cfg: Config) -> study.RunSpec:
+    """The run being tuned: the sweep's family on its (backbone, layer, manipulation) and the first loss."""
+    from featmap_ray.mapping.models import MODELS
+
+    sw = cfg.mapping.sweep
+    if sw.model not in MODELS:
+        raise ValueError(f"mapping.sweep.model: unknown model family {sw.model!r}; available: {sorted(MODELS)}")
+    targets = study.targets(cfg)
+    backbone, layer, normalise = targets[0]
+    if sw.backbone or sw.layer:
+        match = [t for t in targets if t[0] == (sw.backbone or backbone) and t[1] == (sw.layer or layer)]
+        if not match:
+            raise ValueError(f"mapping.sweep: ({sw.backbone}, {sw.layer}) is not a mapping target; "
+                             f"targets: {[t[:2] for t in targets]}")
+        backbone, layer, normalise = match[0]
+    loss_name, loss = next(iter(study.expand_losses(cfg).items()))
+    return study.RunSpec(cfg.dataset.name, "sweep", backbone, layer, sw.manipulation, sw.model, loss_name, loss,
+                         sw.apply_transform, normalise,
+                         dict(cfg.mapping.model_hparams.get(sw.model, {})))
+
+
+def search_space(cfg: Config, spec: study.RunSpec) -> dict[str, Any]:
+    from ray import tune
+
+    from featmap_ray.mapping.losses import LOSSES
+    from featmap_ray.mapping.models import model_hparams
+
+    allowed = set(MappingTraining.model_fields) | set(model_hparams(spec.model))
+    space = {}
+    for key, domain in cfg.mapping.sweep.space.items():
+        term = key.removeprefix("loss.")
+        if key.startswith("loss.") and term not in LOSSES:
+            raise ValueError(f"mapping.sweep.space.{key}: unknown loss term {term!r}; available: {sorted(LOSSES)}")
+        if not key.startswith("loss.") and key not in allowed:
+            raise ValueError(f"mapping.sweep.space.{key}: not a training setting or a hyper-parameter of "
+                             f"{spec.model}; available: {sorted(allowed)} or loss.<term>")
+        kind = domain.get("type")
+        args = {k: v for k, v in domain.items() if k != "type"}
+        try:
+            if kind in ("loguniform", "uniform", "randint"):
+                space[key] = getattr(tune, kind)(args["low"], args["high"])
+            elif kind in ("choice", "grid"):
+                space[key] = (tune.choice if kind == "choice" else tune.grid_search)(list(args["values"]))
+            else:
+                raise ValueError(f"type must be one of {DOMAINS}, got {kind!r}")
+        except KeyError as e:
+            raise ValueError(f"mapping.sweep.space.{key}: {kind} needs {e.args[0]!r}") from None
+        except ValueError as e:
+            raise ValueError(f"mapping.sweep.space.{key}: {e}") from None
+    return space
+
+
+def trial_spec(spec: study.RunSpec, params: dict[str, Any], trial_id: str) -> tuple[study.RunSpec, dict[str, Any]]:
+    """The RunSpec of one trial and its training overrides, from the sampled parameters."""
+    from featmap_ray.mapping.models import model_hparams
+
+    family = set(model_hparams(spec.model))
+    hparams = {**spec.hparams, **{k: v for k, v in params.items() if k in family}}
+    loss = {**spec.loss, **{k.removeprefix("loss."): float(v) for k, v in params.items() if k.startswith("loss.")}}
+    training = {k: v for k, v in params.items() if k in MappingTraining.model_fields}
+    trial = dataclasses.replace(spec, group=f"sweep-{trial_id}", hparams=hparams, loss=loss)
+    return trial, training
+
+
+def _trial(params: dict[str, Any], cfg_data: dict[str, Any], spec_data: dict[str, Any], parent: str) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from featmap_ray import runtime
+
+    runtime.configure_data_context()
+    cfg = Config.model_validate(cfg_data)
+    trial_id = tune.get_context().get_trial_id()
+    spec, training = trial_spec(study.RunSpec.from_dict(spec_data), params, trial_id)
+    fit_run(cfg, spec, training_overrides=training, mlflow_parent=parent, callbacks=[TuneReportCallback()],
+            out_dir=sweep_root(cfg) / trial_id, run_name=f"{cfg.mapping.study}--sweep--{trial_id}")
+
+
+def run_sweep(cfg: Config) -> dict[str, Any]:
+    """Search, keep the best trial's model in `<storage>/mapping/sweeps/<study>/best`, return its summary."""
+    import ray.train
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from featmap_ray.mapping.grid import check_tables, max_concurrent, trial_resources
+
+    spec = base_spec(cfg)
+    space = search_space(cfg, spec)
+    check_tables(store.Store(cfg.storage), [spec])
+    sw = cfg.mapping.sweep
+    parent = tracking.study_run(cfg, "sweep")
+    trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)),
+                                     cfg_data=cfg.model_dump(mode="json"), spec_data=spec.to_dict(), parent=parent)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="val_loss", mode="min", num_samples=sw.num_samples, max_concurrent_trials=max_concurrent(cfg),
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.mapping.training.max_epochs,
+                                    grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)),
+        run_config=tune.RunConfig(name=f"{cfg.mapping.study}-sweep-{stamp}",
+                                  storage_path=str(Path(cfg.storage) / "mapping" / "tune"), verbose=0),
+    )
+    grid = tuner.fit()
+    best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
+    if best is None or best.metrics is None:
+        raise RuntimeError(f"sweep {cfg.mapping.study}: no trial reported a validation loss ({grid.num_errors} errors)")
+    trial_id = best.metrics["trial_id"]
+    trial, _ = trial_spec(spec, best.config, trial_id)
+    best_dir = sweep_root(cfg) / "best"
+    # The trial's last Ray Train checkpoint holds its best epoch, also when ASHA stopped it early.
+    with ray.train.Checkpoint(best.metrics["checkpoint_path"]).as_directory() as checkpoint_dir:
+        publish(checkpoint_dir, trial, best_dir, sweep_config=best.config)
+    summary = {"best_trial": trial_id, "best_val_loss": float(best.metrics["val_loss"]), "best_config": best.config,
+               "trials": len(grid), "errors": grid.num_errors, "dir": str(best_dir)}
+    (sweep_root(cfg) / "best.json").write_text(json.dumps(summary, indent=1, default=str))
+    tracking.end_study_run(cfg, parent, {"best_val_loss": summary["best_val_loss"], "trials": len(grid),
+                                         "errors": grid.num_errors})
+    return summary

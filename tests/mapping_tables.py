@@ -1,0 +1,58 @@
+"""Feature tables with a known ground truth, written through the store like `extract` writes them.
+
+Originals are random (C, H, W) maps; each manipulation's maps are a known function of them (an
+affine map A x + b per position, an exact rotation), so a mapping run must recover that function.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from featmap_ray import store
+
+BACKBONE, LAYER = "convnext_base", "stage3"
+
+
+def affine_truth(channels: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = np.eye(channels) + 0.3 * rng.standard_normal((channels, channels))
+    return a.astype(np.float32), rng.standard_normal(channels).astype(np.float32)
+
+
+def apply_affine(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("oc,nchw->nohw", a, x) + b[None, :, None, None]
+
+
+def write_tables(root: str, *, dataset: str = "t", n_train: int = 48, n_test: int = 16, shape=(8, 3, 3),
+                 manipulations: dict | None = None, seed: int = 0, dtype: str = "float32",
+                 nan_source: str | None = None) -> dict[str, np.ndarray]:
+    """Images rows (no pixels) and a features table for (BACKBONE, LAYER); returns the originals."""
+    rng = np.random.default_rng(seed)
+    a, b = affine_truth(shape[0])
+    manipulations = manipulations or {"hue_shift_60": lambda x: apply_affine(x, a, b),
+                                      "rotation_90": lambda x: np.rot90(x, 1, axes=(2, 3))}
+    st = store.Store(root)
+    n = n_train + n_test
+    ids = [f"{dataset}{i:04d}" for i in range(n)]
+    splits = ["train"] * n_train + ["test"] * n_test
+    classes = (np.arange(n) % 3).astype(np.int32)
+    x = (2.0 + 1.5 * rng.standard_normal((n, *shape))).astype(np.float32)
+    variants = {store.ORIGINAL: x, **{m: fn(x).astype(np.float32) for m, fn in manipulations.items()}}
+    if nan_source is not None:
+        variants[store.ORIGINAL][ids.index(nan_source), 0, 0, 0] = np.nan
+
+    image_rows = [{"source_id": s, "variant": v, "dataset": dataset, "split": sp, "class_idx": int(c),
+                   "class_name": f"c{c}", "family": "original" if v == store.ORIGINAL else "x", "params": "{}",
+                   "seed": None, "image": b"", "width": 0, "height": 0, "source_path": ""}
+                  for v in variants for s, sp, c in zip(ids, splits, classes, strict=True)]
+    store.ensure_table(st.images_uri, store.IMAGES_SCHEMA)
+    store._commit_new_rows(st.images_uri, pa.Table.from_pylist(image_rows, schema=store.IMAGES_SCHEMA))
+
+    schema = store.feature_schema(shape, dtype, {"backbone": BACKBONE, "layer": LAYER})
+    store.ensure_table(st.features_uri(BACKBONE, LAYER), schema)
+    for v, maps in variants.items():
+        table = pa.table({"source_id": ids, "variant": [v] * n, "split": splits, "class_idx": classes,
+                          "feature": store.tensor_array(maps.astype(dtype))}).cast(schema)
+        store._commit_new_rows(st.features_uri(BACKBONE, LAYER), table)
+    return variants

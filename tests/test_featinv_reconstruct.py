@@ -1,0 +1,133 @@
+"""The FeatInv reconstruct job on tiny models: keyed rows, PNGs, per-row metrics, bad maps, re-runs, MLflow."""
+
+import io
+
+import lance
+import mlflow
+import numpy as np
+import pytest
+import ray
+import timm
+import torch
+from PIL import Image
+
+from featmap_ray import extract, ingest, store, tracking
+from featmap_ray.featinv import reconstruct
+from tests.conftest import TINY_BACKBONES, make_config, write_image
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+FEATINV = {"base_model": "tiny", "encoder_hidden_channels": 16,
+           "sampling": {"steps": 2, "batch_size": 4, "num_samples": 2, "rows_per_commit": 4}}
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for i in range(6):
+        write_image(root / "images" / "test" / f"c{i % 2}" / f"{i}.png", size=(72, 64), seed=i)
+    cfg = make_config(root.parent / "store", root, featinv=FEATINV)
+    ingest.run(cfg)
+    extract.run(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reconstructed(extracted):
+    return extracted, reconstruct.run(extracted)
+
+
+def _table(cfg) -> list[dict]:
+    uri = store.Store(cfg.storage).reconstructions_uri("convnext_base", "stage3")
+    return lance.dataset(uri).to_table().to_pylist()
+
+
+def _reference_model():
+    """The tiny backbone built directly with timm (same seed as `init_seed`): the independent definition."""
+    torch.manual_seed(0)
+    return timm.create_model("convnext_base", pretrained=False, **TINY_BACKBONES["convnext_base"]).eval()
+
+
+def _normalised(img: Image.Image) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(img, np.float32) / 255).permute(2, 0, 1)[None]
+    return (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def test_reconstruct_writes_every_key_and_seed_with_metrics_and_resumes(reconstructed):
+    cfg, report = reconstructed
+    st = store.Store(cfg.storage)
+    uri = st.reconstructions_uri("convnext_base", "stage3")
+    assert report.written == {uri: 12} and report.skipped == 0 and report.failed == 0
+    rows = _table(cfg)
+    originals = st.keys(st.images_uri, filter="variant = 'original'")
+    assert {(r["source_id"], r["variant"], r["generator"], r["seed"]) for r in rows} == {
+        (sid, variant, "extracted", seed) for sid, variant in originals for seed in (100, 101)}
+    for r in rows:
+        img = Image.open(io.BytesIO(r["image"]))
+        assert img.format == "PNG" and img.size == (16, 16) == (r["width"], r["height"])
+    # two seeds of the same map give different images; the same seed gives the same noise for every map
+    by_seed = {(r["source_id"], r["seed"]): r["image"] for r in rows}
+    sid = sorted(originals)[0][0]
+    assert by_seed[sid, 100] != by_seed[sid, 101]
+
+    # per-row metrics against an independent computation on one row
+    row = min(rows, key=lambda r: (r["source_id"], r["seed"]))
+    source_map = store.tensor_numpy(lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(
+        filter=f"source_id = '{row['source_id']}' AND variant = 'original'")["feature"])[0].astype(np.float32)
+    model = _reference_model()
+    recon = Image.open(io.BytesIO(row["image"])).convert("RGB").resize((288, 288), Image.BILINEAR)
+    with torch.no_grad():
+        recon_map = model.forward_features(_normalised(recon))[0].numpy()
+        recon_logits = model(_normalised(recon))[0]
+        png = lance.dataset(st.images_uri).to_table(
+            filter=f"source_id = '{row['source_id']}' AND variant = 'original'")["image"][0].as_py()
+        source = Image.open(io.BytesIO(png)).convert("RGB")
+        scale = 288 / min(source.size)  # torchvision Resize(288) + CenterCrop(288)
+        source = source.resize((round(source.width * scale), round(source.height * scale)), Image.BILINEAR)
+        left, top = (source.width - 288) // 2, (source.height - 288) // 2
+        source_logits = model(_normalised(source.crop((left, top, left + 288, top + 288))))[0]
+    cos = (source_map * recon_map).sum(0) / (np.linalg.norm(source_map, axis=0) * np.linalg.norm(recon_map, axis=0))
+    assert row["cosine"] == pytest.approx(float(np.median(cos)), abs=5e-3)  # 81 positions: the median is one value
+    assert row["source_top1"] == int(source_logits.argmax())
+    assert row["top5_match"] == (row["source_top1"] in recon_logits.topk(5).indices.tolist())
+
+    m = report.metrics
+    assert m.rows == 12 and m.cosine == pytest.approx(np.mean([r["cosine"] for r in rows]), abs=1e-6)
+    assert m.top5_match == pytest.approx(np.mean([r["top5_match"] for r in rows]))
+    assert m.fid_extractor == "fid_backbone:convnext_base/stage3" and np.isfinite(m.fid) and m.fid >= 0
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    [run] = client.search_runs([tracking.experiment_id(cfg)], "tags.stage = 'reconstruct:extracted'")
+    assert run.data.metrics["fid"] == pytest.approx(m.fid) and run.data.tags["fid_extractor"] == m.fid_extractor
+
+    again = reconstruct.run(cfg)
+    assert again.written == {uri: 0} and again.skipped == 12
+    assert len(_table(cfg)) == 12
+
+
+def test_bad_feature_maps_become_error_rows_and_the_rest_is_written(reconstructed):
+    cfg = reconstructed[0]
+    st = store.Store(cfg.storage)
+    features = lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(
+        filter="variant = 'original'").to_pylist()[:4]
+    maps = [np.asarray(store.tensor_numpy(lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(
+        filter=f"source_id = '{r['source_id']}' AND variant = 'original'")["feature"])[0], np.float32) for r in features]
+    maps[1][3, 2, 2] = np.nan
+    maps[2] = maps[2][:32]  # wrong channel count
+    items = [{**{k: r[k] for k in reconstruct.LABELS}, "feature": f} for r, f in zip(features, maps)]
+    report = reconstruct.reconstruct_dataset(cfg, ray.data.from_items(items), "mapped:test")
+    uri = st.reconstructions_uri("convnext_base", "stage3")
+    assert report.written == {uri: 4} and report.failed == 2
+    written = {(r["source_id"], r["seed"]) for r in _table(cfg) if r["generator"] == "mapped:test"}
+    assert written == {(features[i]["source_id"], seed) for i in (0, 3) for seed in (100, 101)}
+    errors = st.errors("reconstruct:mapped:test").to_pylist()
+    assert {e["source_id"]: e["reason"] for e in errors} == {features[1]["source_id"]: "feature_mismatch",
+                                                             features[2]["source_id"]: "feature_mismatch"}
+    messages = {e["source_id"]: e["message"] for e in errors}
+    assert "NaN" in messages[features[1]["source_id"]] and "expected 64 channels" in messages[features[2]["source_id"]]
+
+
+def test_a_table_made_with_other_settings_is_not_mixed(reconstructed):
+    cfg = reconstructed[0].model_copy(deep=True)
+    cfg.featinv.sampling.guidance = 3.0
+    with pytest.raises(reconstruct.ReconstructionsMismatch, match="guidance: table 1.75, this run 3.0"):
+        reconstruct.run(cfg)
