@@ -43,6 +43,51 @@ STAGES: dict[str, Callable[[Config], list[store.StageSummary]]] = {
 PIPELINE = ["ingest", "manipulate", "extract"]
 
 
+def _fit(cfg: Config) -> object:
+    from featmap_ray.mapping import grid
+
+    summary = grid.run_study(cfg)
+    if summary.failed and not summary.fitted and not summary.skipped:
+        raise RuntimeError(f"every run of study {cfg.mapping.study} failed")
+    return summary
+
+
+def _sweep(cfg: Config) -> object:
+    import json
+
+    from featmap_ray.mapping import sweep
+
+    return json.dumps(sweep.run_sweep(cfg), indent=1, default=str)
+
+
+def _evaluate(cfg: Config) -> object:
+    from featmap_ray.evaluation import stages
+
+    frame = stages.run_evaluate(cfg)
+    cols = [c for c in ("backbone", "layer", "manipulation", "model", "cos_median", "mse", "agree_top1_orig_mapped")
+            if c in frame]
+    return f"[evaluate] {len(frame)} rows in {stages.results_uri(cfg, 'evaluations')}\n" + frame[cols].to_string(index=False)
+
+
+def _analyze(cfg: Config) -> object:
+    from featmap_ray.evaluation import stages
+
+    frames = stages.run_analyze(cfg)
+    return "[analyze] " + ", ".join(f"{name}: {len(f)} rows in {stages.results_uri(cfg, name)}" for name, f in frames.items())
+
+
+def _report(cfg: Config) -> object:
+    from featmap_ray.evaluation import stages
+
+    return f"[report] {stages.run_report(cfg)}"
+
+
+# Study commands: each prints what it made; failures inside a study are listed, not raised.
+STUDY: dict[str, Callable[[Config], object]] = {
+    "fit": _fit, "sweep": _sweep, "evaluate": _evaluate, "analyze": _analyze, "report": _report,
+}
+
+
 def run_stage(cfg: Config, name: str) -> list[store.StageSummary]:
     """One stage inside its own MLflow run, with the summary as metrics."""
     import mlflow
@@ -81,8 +126,10 @@ def describe(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="featmap", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=[*STAGES, "pipeline", "info"],
-                        help="a stage, `pipeline` (ingest -> manipulate -> extract), or `info` (tables and row counts)")
+    parser.add_argument("command", choices=[*STAGES, "pipeline", *STUDY, "study", "info"],
+                        help="a data stage, `pipeline` (ingest -> manipulate -> extract), a study command "
+                             "(fit, sweep, evaluate, analyze, report), `study` (fit -> evaluate -> analyze -> "
+                             "report), or `info` (tables and row counts)")
     parser.add_argument("--config", "-c", help="YAML config file (conf/demo.yaml is the embedded default)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. extract.batch_size=8")
     args = parser.parse_intermixed_args(argv)
@@ -96,13 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         from featmap_ray import runtime
 
         runtime.init_ray(cfg)
+        if args.command in STUDY or args.command == "study":
+            for name in ["fit", "evaluate", "analyze", "report"] if args.command == "study" else [args.command]:
+                print(STUDY[name](cfg), flush=True)
+            return 0
         summaries = []
         for name in PIPELINE if args.command == "pipeline" else [args.command]:
             summaries += run_stage(cfg, name)
     except ConfigError as e:
         print(f"featmap: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:  # bad input named in the message: no traceback needed
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # named in the message: no traceback needed
         print(f"featmap {args.command}: error: {e}", file=sys.stderr)
         return 1
     print(describe(cfg))

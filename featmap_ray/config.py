@@ -238,7 +238,7 @@ class FeatInvTraining(_Strict):
     sample_every: int = Field(1000, ge=1)  # steps per logged grid of sample reconstructions
     sample_steps: int = Field(20, ge=1)  # DDIM steps of those samples
     checkpoint_every: int = Field(1000, ge=1)
-    num_workers: int = Field(1, ge=0)  # Ray Train workers (DDP); 0 = in the driver process
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP); local mode (0) would not persist checkpoints
     use_gpu: bool = False
     seed: int = 0
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 from featmap_ray import store
 
 BACKBONE, LAYER = "convnext_base", "stage3"
+FAMILIES = {store.ORIGINAL: "original", "rotation_90": "geometric", "hue_shift_60": "photometric"}
 
 
 def affine_truth(channels: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +44,7 @@ def write_tables(root: str, *, dataset: str = "t", n_train: int = 48, n_test: in
         variants[store.ORIGINAL][ids.index(nan_source), 0, 0, 0] = np.nan
 
     image_rows = [{"source_id": s, "variant": v, "dataset": dataset, "split": sp, "class_idx": int(c),
-                   "class_name": f"c{c}", "family": "original" if v == store.ORIGINAL else "x", "params": "{}",
+                   "class_name": f"c{c}", "family": FAMILIES.get(v, "photometric"), "params": "{}",
                    "seed": None, "image": b"", "width": 0, "height": 0, "source_path": ""}
                   for v in variants for s, sp, c in zip(ids, splits, classes, strict=True)]
     store.ensure_table(st.images_uri, store.IMAGES_SCHEMA)

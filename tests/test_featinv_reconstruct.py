@@ -116,7 +116,7 @@ def test_bad_feature_maps_become_error_rows_and_the_rest_is_written(reconstructe
     items = [{**{k: r[k] for k in reconstruct.LABELS}, "feature": f} for r, f in zip(features, maps)]
     report = reconstruct.reconstruct_dataset(cfg, ray.data.from_items(items), "mapped:test")
     uri = st.reconstructions_uri("convnext_base", "stage3")
-    assert report.written == {uri: 4} and report.failed == 2
+    assert report.written == {uri: 4} and report.failed == 2  # failures count maps, not seeds
     written = {(r["source_id"], r["seed"]) for r in _table(cfg) if r["generator"] == "mapped:test"}
     assert written == {(features[i]["source_id"], seed) for i in (0, 3) for seed in (100, 101)}
     errors = st.errors("reconstruct:mapped:test").to_pylist()

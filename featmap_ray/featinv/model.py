@@ -171,7 +171,7 @@ class FeatInvComponents:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FeatInvComponents:
         for model in (self.vae, self.text_encoder, self.unet, self.controlnet):
-            model.to(device=device, dtype=dtype)
+            model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
         return self
 
     @property

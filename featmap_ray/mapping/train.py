@@ -113,6 +113,7 @@ def publish(checkpoint_dir: str, spec: RunSpec, out_dir: Path, **extra: Any) -> 
     model = build_mapping(spec, tuple(state["shape"]), state["norm"])
     model.load_state_dict(state["best_model"])
     info = {"spec": spec.to_dict(), "shape": state["shape"], "norm": state["norm"], "history": state["history"],
+            "resumed_at": state["resumed_at"],
             "best": min(state["history"], key=lambda m: m["val_loss"]), "digest": spec.digest(), **extra}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
@@ -224,7 +225,7 @@ def train_loop(config: dict[str, Any]) -> None:
     source_ids = config["train_source_ids"]
 
     # Resume: the latest checkpoint holds the last finished epoch's state and the best model so far.
-    start_epoch, best, bad_epochs, history, best_state = 0, math.inf, 0, [], None
+    start_epoch, best, bad_epochs, history, best_state, resumed_at = 0, math.inf, 0, [], None, []
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint:
@@ -233,6 +234,7 @@ def train_loop(config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         start_epoch, best, bad_epochs, history = state["epoch"] + 1, state["best"], state["bad_epochs"], state["history"]
         best_state = state["best_model"]
+        resumed_at = [*state["resumed_at"], start_epoch]
         log.info("%s: resuming after epoch %d (best val_loss %.5f)", spec.key, state["epoch"], best)
 
     trainable = model.inner.trainable
@@ -304,7 +306,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 _log_mlflow(config, {k: v for k, v in metrics.items() if k not in ("epoch", "stopped")}, epoch)
                 torch.save({"model": model.state_dict(), "best_model": best_state, "epoch": epoch, "best": best,
-                            "bad_epochs": bad_epochs, "history": history, "done": stop,
+                            "bad_epochs": bad_epochs, "history": history, "done": stop, "resumed_at": resumed_at,
                             "shape": config["shape"], "norm": config["norm"],
                             "optimiser": optimiser.state_dict() if trainable else None,
                             "plateau": plateau.state_dict() if trainable else None}, Path(d, STATE_FILE))

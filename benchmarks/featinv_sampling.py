@@ -1,0 +1,103 @@
+"""FeatInv sampling throughput: batched sampling against the reference's one-image loop, same model and device.
+
+    .venv/bin/python benchmarks/featinv_sampling.py                          # tiny model, CPU, < 1 min
+    .venv/bin/python benchmarks/featinv_sampling.py --device cuda --full-size --dtype float16
+
+Measured in one run, after one untimed warm-up of each path:
+  reference     one image per call, cond and uncond as two ControlNet + UNet forwards per step
+                (`reconstruct_reference_loop`, what featinv_reconstructor does), B calls;
+  batch, 2 fwd  B feature maps per call, cond and uncond still separate (2 forwards per step);
+  batch, 1 fwd  B feature maps per call, cond and uncond in one forward of batch 2B (`reconstruct`).
+Random weights: the tiny SD-shaped test model (16×16 images), or with --full-size a MiniSD-shaped
+UNet/VAE (256×256 images, latent 4×32×32, ConvNeXt-sized 1024×9×9 features) with a 2-layer CLIP
+text model of width 768. Also prints the largest pixel difference between the batched and the
+reference images (same seeds: they should agree up to float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+
+from featmap_ray.featinv.model import build_featinv, random_base_components, tiny_base_components
+from featmap_ray.featinv.sample import reconstruct, reconstruct_reference_loop
+
+
+def minisd_shaped_base(seed: int = 0):
+    """SD-1.x UNet/VAE at MiniSD's 256×256 with random weights; a 2-layer CLIP text model of width 768."""
+    unet = dict(sample_size=32, cross_attention_dim=768, attention_head_dim=8,
+                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,
+               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12)
+    return random_base_components(unet=unet, vae=vae, text_encoder=text, seed=seed)
+
+
+def timed(fn, device: str) -> tuple[float, np.ndarray]:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    images = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--full-size", action="store_true", help="MiniSD-shaped UNet/VAE at 256 (for a GPU)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads; 1 by default because the tiny model gains nothing from more, and "
+                             "OpenMP barriers on a busy machine make timings erratic")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    torch.manual_seed(0)
+    if args.full_size:
+        base, channels, size, hidden = minisd_shaped_base(), 1024, 9, 512
+    else:
+        base, channels, size, hidden = tiny_base_components(), 16, 9, 32
+    fi = build_featinv(base, feature_channels=channels, encoder_hidden_channels=hidden).to(args.device, dtype)
+    features = torch.randn(args.batch, channels, size, size, generator=torch.Generator().manual_seed(1))
+    seeds = list(range(100, 100 + args.batch))
+    kw = dict(steps=args.steps, guidance=1.75)
+
+    def reference():
+        return np.stack([reconstruct_reference_loop(fi, features[i:i + 1], s, **kw) for i, s in enumerate(seeds)])
+
+    runs = {
+        "reference (B=1, 2 fwd/step)": reference,
+        f"batch {args.batch}, 2 fwd/step": lambda: reconstruct(fi, features, seeds, batch_cfg=False, **kw),
+        f"batch {args.batch}, 1 fwd/step (ours)": lambda: reconstruct(fi, features, seeds, **kw),
+    }
+    # Warm-up: first calls pay for kernel selection and allocator growth.
+    reconstruct_reference_loop(fi, features[:1], 0, steps=2)
+    reconstruct(fi, features, seeds, steps=2, batch_cfg=False)
+    reconstruct(fi, features, seeds, steps=2)
+    results = {name: timed(fn, args.device) for name, fn in runs.items()}
+
+    print(f"FeatInv sampling, {'MiniSD-shaped' if args.full_size else 'tiny'} model, {fi.image_size}px images, "
+          f"features {channels}×{size}×{size}, {args.steps} DDIM steps, CFG 1.75, {args.dtype}, "
+          f"device {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    print(f"{'path':<32} {'seconds':>8} {'images/s':>9}")
+    for name, (seconds, _) in results.items():
+        print(f"{name:<32} {seconds:8.2f} {args.batch / seconds:9.2f}")
+    (ref_s, ref_images), (ours_s, our_images) = results[next(iter(runs))], list(results.values())[-1]
+    print(f"speed-up of ours over the reference loop: {ref_s / ours_s:.2f}x")
+    diff = np.abs(our_images.astype(int) - ref_images.astype(int)).max()
+    print(f"largest pixel difference, ours vs reference images: {diff}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""The Ray stages behind `featmap evaluate`, `featmap analyze` and `featmap report`.
+
+evaluate  every finished mapping run of a study, and the identity and spatial-only baselines, on
+          the held-out split: feature metrics at the mapped layer and classifier agreement (the
+          backbone's remaining stages and head on original, edited and mapped features). One Ray
+          task per (dataset, backbone, layer, manipulation), so the test pairs and the classifier
+          are loaded once for all the models that share them.
+analyze   every shared affine map (linear, ridge, Procrustes): weight-vs-bias measures on held-out
+          originals, SVD measures and singular values, and rank-k truncations of W evaluated like
+          the full map (does the edit live in the leading singular components?).
+report    tables and PNG plots from both, in <storage>/reports/<study>/ and in MLflow.
+
+Results are Lance tables under <storage>/results/<study>/, replaced as a whole by each run of a
+stage (a new table version, so a reader never sees half of one).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from featmap_ray import store, tracking
+from featmap_ray.config import BackboneRequest, Config
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("identity", "spatial_only")
+
+
+def results_uri(cfg: Config, name: str) -> str:
+    return store.Store(cfg.storage).uri("results", cfg.mapping.study, name)
+
+
+def reports_dir(cfg: Config) -> Path:
+    return Path(cfg.storage) / "reports" / cfg.mapping.study
+
+
+def write_results(cfg: Config, name: str, frame: pd.DataFrame) -> str:
+    import lance
+
+    uri = results_uri(cfg, name)
+    lance.write_dataset(pa.Table.from_pandas(frame, preserve_index=False), uri, mode="overwrite")
+    return uri
+
+
+def read_results(cfg: Config, name: str) -> pd.DataFrame:
+    table = store.open_table(results_uri(cfg, name))
+    if table is None:
+        raise FileNotFoundError(f"no {name} results at {results_uri(cfg, name)}: run the stage that makes them first")
+    return table.to_table().to_pandas()
+
+
+def classifier_request(cfg: Config, backbone: str) -> BackboneRequest:
+    """The classifier for a backbone's features: evaluate.classifier, else the extracted backbone."""
+    if cfg.evaluate.classifier is not None and cfg.evaluate.classifier.name == backbone:
+        return cfg.evaluate.classifier
+    for request in cfg.extract.backbones:
+        if request.name == backbone:
+            return request
+    return BackboneRequest(name=backbone)
+
+
+def _test_tensors(cfg: Config, dataset: str, backbone: str, layer: str, manipulation: str):
+    """(x, y, labels) of the held-out pairs, a seeded subset of at most evaluate.max_pairs."""
+    import lance
+
+    from featmap_ray.mapping import data
+
+    pairs = data.load_pairs(store.Store(cfg.storage), dataset=dataset, backbone=backbone, layer=layer,
+                            manipulation=manipulation, split=cfg.evaluate.split)
+    if len(pairs) == 0:
+        raise ValueError(f"no {cfg.evaluate.split} pairs (original + {manipulation!r}) of {dataset!r} in {pairs.uri}")
+    pairs = data.sample(pairs, cfg.evaluate.max_pairs, cfg.evaluate.seed)
+    table = lance.dataset(pairs.uri)
+    x = store.tensor_numpy(table.take(pairs.x_offsets, columns=["feature"])["feature"]).astype(np.float32)
+    y = store.tensor_numpy(table.take(pairs.y_offsets, columns=["feature"])["feature"]).astype(np.float32)
+    for name, t in (("original", x), ("manipulated", y)):
+        if not np.isfinite(t).all():
+            raise ValueError(f"non-finite values in the {cfg.evaluate.split} {name} feature maps of {backbone}/{layer}")
+    return torch.from_numpy(x), torch.from_numpy(y), pairs.class_idx
+
+
+def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _evaluate_group(cfg: Config, group: tuple[str, str, str, str], run_dirs: list[str]) -> list[dict[str, Any]]:
+    """Every model of one (dataset, backbone, layer, manipulation) on the same held-out pairs."""
+    from featmap_ray import backbones
+    from featmap_ray.evaluation.classifier import ClassifierUnavailable, classifier_tail, probability_metrics
+    from featmap_ray.evaluation.feature_metrics import feature_metrics, summarise
+    from featmap_ray.mapping.models import build_model, is_geometric
+    from featmap_ray.mapping.train import load_run
+
+    dataset, backbone, layer, manipulation = group
+    x, y, labels = _test_tensors(cfg, dataset, backbone, layer, manipulation)
+    bs = cfg.evaluate.batch_size
+    models: list[tuple[dict[str, str], torch.nn.Module]] = []
+    for d in run_dirs:
+        model, spec, info = load_run(d)
+        models.append(({"run": spec.key, "group": spec.group, "model": spec.model, "loss": spec.loss_name,
+                        "mlflow_run_id": info.get("mlflow_run_id", "")}, model))
+    c, h, w = x.shape[1:]
+    for name in BASELINES:
+        if name == "spatial_only" and not is_geometric(manipulation):
+            continue
+        models.append(({"run": f"{dataset}--baseline--{backbone}--{layer}--{manipulation}--{name}", "group": "baseline",
+                        "model": name, "loss": "", "mlflow_run_id": ""},
+                       build_model(name, c, h, w, manipulation=manipulation).eval()))
+
+    spec = backbones.get_spec(backbone)
+    request = classifier_request(cfg, backbone)
+    try:
+        tail = classifier_tail(backbones.build_model(spec, request), spec, layer)
+        probs = lambda t: _batched(lambda b: tail(b).softmax(-1), t, bs).numpy()  # noqa: E731
+        p_orig, p_edit = probs(x), probs(y)
+    except ClassifierUnavailable as e:
+        log.warning("%s/%s: no classifier agreement: %s", backbone, layer, e)
+        tail = None
+
+    rows = []
+    for meta, model in models:
+        mapped = _batched(model, x, bs)
+        row = {"dataset": dataset, "backbone": backbone, "layer": layer, "manipulation": manipulation, **meta,
+               **summarise(feature_metrics(mapped, y))}
+        if tail is not None:
+            row.update(probability_metrics(p_orig, p_edit, probs(mapped), labels))
+        rows.append(row)
+    return rows
+
+
+def run_evaluate(cfg: Config) -> pd.DataFrame:
+    import ray
+
+    from featmap_ray.mapping.train import finished_runs, load_run
+
+    groups: dict[tuple[str, str, str, str], list[str]] = defaultdict(list)
+    for d in finished_runs(cfg):
+        _, spec, _ = load_run(d)
+        groups[(spec.dataset, spec.backbone, spec.layer, spec.manipulation)].append(str(d))
+    if not groups:
+        raise ValueError(f"study {cfg.mapping.study!r} has no finished mapping runs: run `featmap fit` first")
+    task = ray.remote(_evaluate_group).options(num_cpus=1, num_gpus=cfg.mapping.resources.gpus_per_worker)
+    refs = {g: task.remote(cfg, g, dirs) for g, dirs in sorted(groups.items())}
+    rows, failed = [], {}
+    for g, ref in refs.items():
+        try:
+            rows += ray.get(ref)
+        except Exception as e:  # one unusable group (e.g. no test pairs) does not stop the others
+            failed["/".join(g)] = str(e).strip().splitlines()[-1]
+    for g, msg in failed.items():
+        log.error("evaluate %s failed: %s", g, msg)
+    if not rows:
+        raise ValueError(f"evaluation produced no results; failures: {failed}")
+    frame = pd.DataFrame(rows)
+    write_results(cfg, "evaluations", frame)
+    _log_run_metrics(cfg, frame)
+    return frame
+
+
+def _log_run_metrics(cfg: Config, frame: pd.DataFrame) -> None:
+    """Each mapping run's held-out metrics on its own MLflow run (eval_ prefix); baselines go in a
+    table on the study's evaluate run."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    now = int(time.time() * 1000)
+    numeric = frame.select_dtypes("number").columns
+    for _, row in frame[frame["mlflow_run_id"] != ""].iterrows():
+        client.log_batch(row["mlflow_run_id"], metrics=[Metric(f"eval_{k}", float(row[k]), now, 0)
+                                                        for k in numeric if np.isfinite(row[k])])
+
+
+# -- linear-map analysis --------------------------------------------------------------------------
+
+def raw_affine(model) -> tuple[np.ndarray, np.ndarray] | None:
+    """(W, b) of a shared affine run in raw feature space: with normalisation x' = (x - mu)/s,
+    y = s * (W x' + b) + mu, so W_raw = diag(s) W diag(1/s) and b_raw = s*b + mu - W_raw mu."""
+    from featmap_ray.mapping.models import linear_weights
+
+    weights = linear_weights(model.inner)
+    if weights is None:
+        return None
+    w, b = (t.double().numpy() for t in weights)
+    if model.normalised:
+        s, mu = model.std.double().flatten().numpy(), model.mean.double().flatten().numpy()
+        w = s[:, None] * w / s[None, :]
+        b = s * b + mu - w @ mu
+    return w, b
+
+
+def _analyze_run(cfg: Config, run_dir: str) -> dict[str, list[dict[str, Any]]]:
+    from featmap_ray.evaluation.feature_metrics import feature_metrics, summarise
+    from featmap_ray.evaluation.linear_analysis import singular_values, svd_metrics, truncate, weight_bias_per_sample
+    from featmap_ray.mapping.models import model_input
+    from featmap_ray.mapping.train import load_run
+
+    model, spec, _ = load_run(run_dir)
+    affine = raw_affine(model)
+    if affine is None:
+        return {}
+    w, b = affine
+    base = {"run": spec.key, "dataset": spec.dataset, "group": spec.group, "backbone": spec.backbone,
+            "layer": spec.layer, "manipulation": spec.manipulation, "model": spec.model}
+    x, y, _ = _test_tensors(cfg, spec.dataset, spec.backbone, spec.layer, spec.manipulation)
+    # What W sees: for the geometric "apply" group, the exactly rotated/flipped input.
+    seen = model_input(model.inner, x).double().numpy()
+    rng = np.random.default_rng(cfg.evaluate.seed)
+    sample = seen[np.sort(rng.permutation(len(seen))[:cfg.evaluate.analysis_samples])]
+    wxb = weight_bias_per_sample(w, b, sample)
+    wxb_rows = [{**base, "sample": i, "metric": m, "value": float(v)}
+                for i, r in wxb.reset_index(drop=True).iterrows() for m, v in r.items()]
+
+    s = singular_values(w)
+    ranks = sorted({k for k in cfg.evaluate.truncation_ranks if k < len(s)} | {len(s)})
+    truncation = []
+    for k in ranks:
+        wk = truncate(w, k)
+        mapped = torch.from_numpy(np.einsum("oc,nchw->nohw", wk, seen) + b[None, :, None, None]).float()
+        truncation += [{**base, "k": k, "metric": m, "value": v} for m, v in summarise(feature_metrics(mapped, y)).items()
+                       if m != "n_samples"]
+    return {"svd": [{**base, **svd_metrics(w)}],
+            "singular_values": [{**base, "index": i + 1, "value": float(v)} for i, v in enumerate(s)],
+            "weight_bias": wxb_rows, "truncation": truncation}
+
+
+def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
+    import ray
+
+    from featmap_ray.mapping.train import finished_runs
+
+    runs = finished_runs(cfg)
+    task = ray.remote(_analyze_run).options(num_cpus=1)
+    parts = ray.get([task.remote(cfg, str(d)) for d in runs])
+    tables: dict[str, list] = defaultdict(list)
+    for part in parts:
+        for name, rows in part.items():
+            tables[name] += rows
+    if not tables:
+        raise ValueError(f"study {cfg.mapping.study!r} has no finished linear, ridge or orthogonal_procrustes runs "
+                         "to analyse")
+    families = _families(cfg)
+    frames = {}
+    for name, rows in tables.items():
+        frame = pd.DataFrame(rows)
+        frame["family"] = frame["manipulation"].map(families).fillna("unknown")
+        write_results(cfg, name, frame)
+        frames[name] = frame
+    return frames
+
+
+def _families(cfg: Config) -> dict[str, str]:
+    """manipulation -> family (geometric, photometric, mask, semantic) as recorded in the images table."""
+    st = store.Store(cfg.storage)
+    rows = st.open(st.images_uri).to_table(columns=["variant", "family"],
+                                           filter=f"variant != '{store.ORIGINAL}'").to_pandas()
+    return dict(zip(rows["variant"], rows["family"], strict=True))
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+def run_report(cfg: Config) -> Path:
+    from featmap_ray.evaluation import report
+
+    out = reports_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    evals = read_results(cfg, "evaluations")
+    figures = report.family_heatmaps(evals, "cos_median", out)
+    tables = {f"cos_median {b}/{l}": t for (b, l), t in report.family_tables(evals, "cos_median").items()}
+    if "agree_top1_orig_mapped" in evals and evals["agree_top1_orig_mapped"].notna().any():
+        figures += report.family_heatmaps(evals, "agree_top1_orig_mapped", out)
+        tables.update({f"top-1 agreement {b}/{l}": t
+                       for (b, l), t in report.family_tables(evals, "agree_top1_orig_mapped").items()})
+    if store.open_table(results_uri(cfg, "svd")) is not None:
+        svd = read_results(cfg, "svd")
+        figures += report.spectra_plot(read_results(cfg, "singular_values"), out)
+        wxb = read_results(cfg, "weight_bias").rename(columns={"group": "study_group"})
+        figures += report.weight_bias_plot(wxb.assign(group=wxb["family"]), out)
+        figures += report.truncation_plot(read_results(cfg, "truncation"), out)
+        tables["SVD measures"] = svd.drop(columns=["run", "dataset"])
+    summary = report.write_summary(tables, out / "report.md", figures=figures,
+                                   title=f"FeatMap study {cfg.mapping.study}")
+    run_id = tracking.study_run(cfg, "report")
+    tracking.end_study_run(cfg, run_id, {"figures": len(figures)}, artefacts=out)
+    return summary

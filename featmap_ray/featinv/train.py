@@ -1,0 +1,343 @@
+"""Train a FeatInv ControlNet with Ray Train: feature maps of stored images -> the images themselves.
+
+The recipe of the reference (and of diffusers' examples/controlnet/train_controlnet.py): frozen
+VAE, text encoder and UNet; the ControlNet (DDP over `featinv.training.num_workers` workers)
+predicts residuals so that the UNet's noise prediction matches the noise added to the image's
+latent (MSE, t uniform, DDPMScheduler with the sampler's betas); AdamW over ControlNet parameters
+only; with probability 0.15 per sample the feature map becomes zeros and the prompt "" together.
+
+Data comes through Ray Data from the images table (the stored image in the backbone's view: resized
+and centre-cropped to its input size). Feature maps are either computed on the worker's device from
+that view (`features_source: on_the_fly`, with an optional horizontal flip applied to the view
+before the backbone, so image and map stay aligned) or read from the features table.
+
+Checkpoints (ControlNet in diffusers format + optimiser + step) go to <storage>/featinv/<run_name>;
+running again with the same run_name and a larger max_steps continues from the last one. The
+final ControlNet is copied to <storage>/featinv/<run_name>/controlnet (`featinv.controlnet` for
+`featmap reconstruct`). Rank 0 logs to MLflow: params, the loss, and sample reconstructions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from featmap_ray import store
+from featmap_ray.config import Config
+from featmap_ray.featinv import metrics, reconstruct
+
+STAGE = "featinv-train"
+STATE_FILE = "training_state.pt"
+SAMPLES = 2  # feature maps in the logged sample grid
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or Inf."""
+
+
+# -- Data (Ray Data, CPU tasks) ---------------------------------------------------------------
+
+def decode_views(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
+    """Ray Data UDF: stored PNGs -> the backbone's view, uint8 (N, size, size, 3)."""
+    return {"pixels": np.stack([reconstruct.backbone_view(png, size) for png in batch["image"].to_pylist()])}
+
+
+def attach_views(batch: pa.Table, storage: str, size: int) -> dict[str, np.ndarray]:
+    """Ray Data UDF: stored feature maps + the views of their images (looked up by key)."""
+    keys = list(zip(batch["source_id"].to_pylist(), batch["variant"].to_pylist(), strict=True))
+    st = store.Store(storage)
+    images = {(r["source_id"], r["variant"]): r["image"] for r in st.rows(st.images_uri, keys, ["image"]).to_pylist()}
+    have = [i for i, k in enumerate(keys) if k in images]  # a map without its image cannot be a training pair
+    features = store.tensor_numpy(batch["feature"])[have]
+    pixels = np.stack([reconstruct.backbone_view(images[keys[i]], size) for i in have]) if have else \
+        np.zeros((0, size, size, 3), np.uint8)
+    return {"pixels": pixels, "feature": features}
+
+
+def _where(split: str | None, variants: list[str] | None) -> str | None:
+    def quoted(v: str) -> str:
+        return "'" + v.replace("'", "''") + "'"
+
+    conditions = [f"split = {quoted(split)}"] if split else []
+    if variants:
+        conditions.append(f"variant IN ({', '.join(map(quoted, variants))})")
+    return " AND ".join(conditions) or None
+
+
+def training_dataset(cfg: Config):
+    """The Ray Dataset of training rows: `pixels` (+ `feature` when read from the features table)."""
+    from featmap_ray import backbones
+
+    tr = cfg.featinv.training
+    request, layer = reconstruct.featinv_backbone(cfg)
+    size = backbones.get_spec(request.name).input_size
+    st = store.Store(cfg.storage)
+    where = _where(tr.split, tr.variants)
+    if tr.features_source == "on_the_fly":
+        uri, columns, udf, kwargs = st.images_uri, ["image"], decode_views, {"size": size}
+    else:
+        uri, columns = st.features_uri(request.name, layer), ["source_id", "variant", "feature"]
+        udf, kwargs = attach_views, {"storage": cfg.storage, "size": size}
+    if st.count(uri, filter=where) == 0:
+        raise FileNotFoundError(f"no training rows in {uri}" + (f" where {where}" if where else "") +
+                                ": run `featmap ingest` / `featmap extract` first, or check featinv.training.split / variants")
+    return st.read_ray(uri, columns=columns, filter=where).map_batches(udf, fn_kwargs=kwargs, batch_format="pyarrow",
+                                                                       batch_size=tr.batch_size)
+
+
+# -- One training step (plain torch) ----------------------------------------------------------
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The random stream of one step on one worker: a resumed run draws what an uninterrupted one would."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+def conditioning(batch: dict[str, torch.Tensor], probe: metrics.BackboneProbe | None, hflip: bool,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(views uint8 NHWC, feature maps NCHW float32): the stored maps, or the backbone on the views,
+    each flipped horizontally with probability 0.5 first when `hflip`."""
+    pixels = batch["pixels"]
+    if probe is None:
+        return pixels, batch["feature"].float()
+    if hflip:
+        flip = torch.rand(len(pixels), generator=generator, device=generator.device) < 0.5
+        pixels = torch.where(flip.to(pixels.device)[:, None, None, None], pixels.flip(2), pixels)
+    return pixels, probe.features(pixels)
+
+
+def diffusion_loss(components, controlnet: torch.nn.Module, pixels: torch.Tensor, features: torch.Tensor,
+                   text: torch.Tensor, noise_scheduler, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    """Noise-prediction MSE of the frozen UNet plus the ControlNet's residuals, with joint conditioning dropout.
+
+    `text` holds the embeddings of (prompt, ""); `controlnet` may be DDP-wrapped."""
+    device, n = features.device, len(features)
+    with torch.no_grad():
+        x = metrics.resize_pixels(pixels, components.image_size) * 2 - 1
+        latents = components.vae.encode(x).latent_dist.sample(generator) * components.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    drop = torch.rand(n, generator=generator, device=device) < dropout
+    features = features * ~drop[:, None, None, None]
+    encoder_states = text[drop.long()]
+    down, mid = controlnet(noisy, t, encoder_hidden_states=encoder_states, controlnet_cond=features, return_dict=False)
+    pred = components.unet(noisy, t, encoder_hidden_states=encoder_states, down_block_additional_residuals=down,
+                           mid_block_additional_residual=mid, return_dict=False)[0]
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def sample_grid(components, cfg: Config, features: torch.Tensor, pixels: torch.Tensor) -> np.ndarray:
+    """Views (top row) over their reconstructions (bottom row), uint8 HWC."""
+    from featmap_ray.featinv import sample
+
+    s = cfg.featinv.sampling
+    components.controlnet.eval()
+    images = sample.reconstruct(components, features, [s.seed] * len(features), steps=cfg.featinv.training.sample_steps,
+                                guidance=s.guidance, prompt=s.prompt, negative_prompt=s.negative_prompt,
+                                control_scale=s.control_scale)
+    components.controlnet.train()
+    views = (metrics.resize_pixels(pixels, components.image_size) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return np.concatenate([np.concatenate(list(views), axis=1), np.concatenate(list(images), axis=1)], axis=0)
+
+
+# -- The loop on every Ray Train worker -------------------------------------------------------
+
+@contextlib.contextmanager
+def _mlflow_run(cfg: Config, run_id: str | None, rank: int) -> Iterator[str | None]:
+    """Rank 0: a new MLflow run, or the one of the run being resumed. Other ranks: no logging."""
+    if rank != 0:
+        yield None
+        return
+    import mlflow
+
+    from featmap_ray import tracking
+
+    if run_id is None:
+        with tracking.stage_run(cfg, f"{STAGE}:{cfg.featinv.training.run_name}") as run:
+            yield run.info.run_id
+    else:
+        mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+        with mlflow.start_run(run_id=run_id):
+            yield run_id
+
+
+def _load(cfg: Config) -> tuple[object, dict]:
+    """The FeatInv model and the training state: from the run's last checkpoint, else new."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return reconstruct.featinv_components(cfg), {"step": 0, "mlflow_run_id": None}
+    with checkpoint.as_directory() as d:
+        components = reconstruct.featinv_components(cfg, controlnet_dir=os.path.join(d, "controlnet"))
+        return components, torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def train_loop(config: dict) -> None:
+    import mlflow
+    import ray.train
+    import ray.train.torch
+    from diffusers import DDPMScheduler
+
+    from featmap_ray.featinv import sample
+
+    cfg = Config.model_validate(config["cfg"])
+    fi, tr = cfg.featinv, cfg.featinv.training
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+
+    # Models: the frozen base, the trainable ControlNet, the backbone for on-the-fly maps.
+    components, state = _load(cfg)
+    components.to(device)
+    controlnet = components.controlnet
+    controlnet.requires_grad_(True).train()
+    model = ray.train.torch.prepare_model(controlnet, move_to_device=False)  # DDP with more than one worker
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)  # the sampler's betas
+    with torch.no_grad():
+        text = sample.encode_prompts(components, [fi.sampling.prompt, ""])
+    probe = None
+    if tr.features_source == "on_the_fly":
+        probe = metrics.BackboneProbe(*reconstruct.featinv_backbone(cfg), device)
+
+    step = start_step = int(state["step"])
+    shard = ray.train.get_dataset_shard("train")
+    losses: list[float] = []
+    grid_inputs = None
+    with _mlflow_run(cfg, state["mlflow_run_id"], rank) as run_id:
+        epoch = 0
+        while step < tr.max_steps:
+            batches = 0
+            for batch in shard.iter_torch_batches(batch_size=tr.batch_size, device=device, drop_last=True,
+                                                  local_shuffle_buffer_size=tr.shuffle_buffer,
+                                                  local_shuffle_seed=tr.seed + epoch):
+                batches += 1
+                generator = step_generator(tr.seed, rank, step, device)
+                pixels, features = conditioning(batch, probe, tr.hflip, generator)
+                if grid_inputs is None:
+                    grid_inputs = features[:SAMPLES].clone(), pixels[:SAMPLES].clone()
+                loss = diffusion_loss(components, model, pixels, features, text, noise_scheduler,
+                                      tr.conditioning_dropout, generator)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"featinv training: the loss is {loss.item()} at step {step + 1} (worker {rank}); stopped. "
+                        f"The last checkpoint stays in {cfg.storage}/featinv/{tr.run_name}. Lower "
+                        "featinv.training.lr or check the training images and feature maps.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                losses.append(loss.item())
+
+                if rank == 0 and (step % tr.log_every == 0 or step == tr.max_steps):
+                    mlflow.log_metric("loss", float(np.mean(losses[-tr.log_every:])), step=step)
+                if rank == 0 and step % tr.sample_every == 0:
+                    mlflow.log_image(sample_grid(components, cfg, *grid_inputs), f"samples/step_{step:07d}.png")
+                if step % tr.checkpoint_every == 0 or step == tr.max_steps:
+                    _save(controlnet, optimizer, rank, {"step": step, "start_step": start_step, "mlflow_run_id": run_id,
+                                                        "loss": float(np.mean(losses[-tr.log_every:]))})
+                if step >= tr.max_steps:
+                    break
+            if batches == 0:
+                raise ValueError(f"featinv training: worker {rank} got no batch of {tr.batch_size} rows; the training "
+                                 "data has fewer rows than featinv.training.batch_size × num_workers")
+            epoch += 1
+
+
+def _save(controlnet, optimizer: torch.optim.Optimizer, rank: int, metrics_: dict) -> None:
+    """Report the step's metrics with a checkpoint (written by rank 0; every rank must call this)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            controlnet.save_pretrained(os.path.join(d, "controlnet"))
+            torch.save({"optimizer": optimizer.state_dict(), "step": metrics_["step"],
+                        "mlflow_run_id": metrics_["mlflow_run_id"]}, os.path.join(d, STATE_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics_, checkpoint=checkpoint)
+
+
+# -- The driver ---------------------------------------------------------------------------------
+
+@dataclass
+class TrainSummary:
+    run_name: str
+    start_step: int  # the step this invocation started from (> 0 when it resumed)
+    step: int
+    loss: float | None  # mean loss over the last log_every steps of the latest checkpoint
+    controlnet: str  # the final ControlNet, diffusers format: featinv.controlnet for `featmap reconstruct`
+    checkpoint: str
+    mlflow_run_id: str | None
+
+    def __str__(self) -> str:
+        loss = "n/a" if self.loss is None else f"{self.loss:.4f}"
+        return (f"[{STAGE}] run {self.run_name}: steps {self.start_step} -> {self.step}, loss {loss}\n"
+                f"  ControlNet: {self.controlnet}\n  checkpoint: {self.checkpoint}")
+
+
+def _first_worker_error(error: Exception) -> Exception:
+    failures = getattr(error, "worker_failures", None) or {}
+    for failure in failures.values():
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, Exception):
+            return cause
+    return error
+
+
+def run(cfg: Config) -> TrainSummary:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from featmap_ray import tracking
+
+    tr = cfg.featinv.training
+    reconstruct.featinv_backbone(cfg)  # a bad backbone/layer fails here, not on the workers
+    dataset = training_dataset(cfg)
+    if "://" not in cfg.storage:
+        tracking.experiment_id(cfg)  # created once by the driver, not raced by workers
+    storage = f"{cfg.storage}/featinv"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        datasets={"train": dataset},
+        scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu),
+        run_config=ray.train.RunConfig(name=tr.run_name, storage_path=storage,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        cause = _first_worker_error(e)  # e.g. NonFiniteLoss or BaseModelNotFound, with its own message
+        if cause is e:
+            raise
+        raise cause from e
+    if result.checkpoint is None:
+        raise RuntimeError(f"featinv training run {tr.run_name} reported no checkpoint (max_steps {tr.max_steps})")
+    final = f"{storage}/{tr.run_name}/controlnet"
+    with result.checkpoint.as_directory() as d:
+        _copy_tree(os.path.join(d, "controlnet"), final)
+    m = result.metrics or {}
+    return TrainSummary(tr.run_name, int(m.get("start_step", m.get("step", 0))), int(m.get("step", 0)), m.get("loss"),
+                        final, result.checkpoint.path, m.get("mlflow_run_id"))
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    if "://" in dst:
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(src, dst, destination_filesystem=pafs.FileSystem.from_uri(dst)[0])
+    else:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)

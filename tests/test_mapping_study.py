@@ -1,0 +1,217 @@
+"""A study end to end on feature tables with a known ground truth: Ray Tune runs the grid, each run
+is a Ray Train TorchTrainer, MLflow records it; then evaluate, analyze and report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import mapping_tables as mt
+from featmap_ray.config import Config
+
+TINY_CLASSIFIER = {"name": "convnext_base", "pretrained": False,
+                   "model_kwargs": {"depths": [1, 1, 1, 1], "dims": [8, 8, 8, 16]}}
+SHAPE = (16, 3, 3)  # = the tiny classifier's stage3, so its head can classify the maps
+
+
+def study_config(storage: Path, **mapping) -> Config:
+    data = {
+        "storage": str(storage),
+        "dataset": {"name": "t", "root": str(storage)},
+        "extract": {"backbones": [{**TINY_CLASSIFIER, "layers": ["stage3"]}]},
+        "mapping": {
+            "study": "s",
+            "targets": [{"backbone": "convnext_base", "layers": ["stage3"], "normalise": True}],
+            "datasets": {"t": {"affine": {"manipulations": ["hue_shift_60"], "models": ["linear", "ridge"]},
+                               "geometric_apply": {"manipulations": ["rotation_90"], "models": ["linear"],
+                                                   "apply_transform": True}}},
+            "losses": {"mse": "mse"},
+            "model_hparams": {"ridge": {"gamma": 1e-6}},  # ~no shrinkage: the exact map must come back
+            "training": {"max_epochs": 20, "patience": 20, "lr": 0.02, "batch_size": 16, "accumulate": 1},
+            "resources": {"num_workers": 1},
+            **mapping,
+        },
+        "evaluate": {"truncation_ranks": [1, 4]},
+    }
+    return Config.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def fitted_study(tmp_path_factory, ray_session):
+    from featmap_ray.mapping import grid
+
+    storage = tmp_path_factory.mktemp("study")
+    mt.write_tables(str(storage), shape=SHAPE)
+    cfg = study_config(storage)
+    summary = grid.run_study(cfg)
+    return cfg, summary
+
+
+def _mlflow_runs(cfg):
+    import mlflow
+
+    from featmap_ray import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    return mlflow.search_runs(experiment_names=[cfg.mlflow.experiment])
+
+
+def test_grid_fits_every_run_and_ridge_recovers_the_affine_map(fitted_study):
+    from featmap_ray.evaluation.stages import raw_affine
+    from featmap_ray.mapping.train import finished_runs, load_run
+
+    cfg, summary = fitted_study
+    assert summary.failed == {} and len(summary.fitted) == 3
+    runs = {load_run(d)[1].model + ("+apply" if load_run(d)[1].apply_transform else ""): load_run(d) for d in finished_runs(cfg)}
+    assert set(runs) == {"linear", "ridge", "linear+apply"}
+    a, b = mt.affine_truth(SHAPE[0])
+    # Fitted in normalised space, read back in raw space: must be the generating A x + b.
+    w, bias = raw_affine(runs["ridge"][0])
+    np.testing.assert_allclose(w, a, atol=2e-3)
+    np.testing.assert_allclose(bias, b, atol=5e-3)
+    # The gradient-trained linear map approaches A; the apply-group map approaches the identity.
+    w_lin, _ = raw_affine(runs["linear"][0])
+    assert np.abs(w_lin - a).max() < 0.5 * np.abs(np.eye(SHAPE[0]) - a).max()
+    history = runs["linear"][2]["history"]
+    assert history[-1]["val_loss"] < 0.2 * history[0]["val_loss"]
+
+
+def test_rerun_skips_finished_runs(fitted_study):
+    from featmap_ray.mapping import grid
+
+    cfg, _ = fitted_study
+    again = grid.run_study(cfg)
+    assert again.fitted == [] and len(again.skipped) == 3
+
+
+def test_mlflow_records_nested_runs_with_tags_metrics_and_artefacts(fitted_study):
+    from mlflow import MlflowClient
+
+    from featmap_ray import tracking
+
+    cfg, _ = fitted_study
+    runs = _mlflow_runs(cfg)
+    parent = runs[runs["tags.mlflow.runName"] == "s:fit"]
+    assert len(parent) == 1
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
+    assert len(children) == 3 and set(children["status"]) == {"FINISHED"}
+    assert set(children["tags.model"]) == {"linear", "ridge"}
+    assert set(children["tags.normalised"]) == {"True"} and set(children["tags.layer"]) == {"stage3"}
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    linear = children[(children["tags.model"] == "linear") & (children["tags.group"] == "affine")].iloc[0]
+    history = client.get_metric_history(linear["run_id"], "val_loss")
+    assert len(history) == cfg.mapping.training.max_epochs  # one point per epoch
+    names = {f.path for f in client.list_artifacts(linear["run_id"], "mapping")}
+    assert {"mapping/model.safetensors", "mapping/run.json"} <= names
+
+
+def test_evaluate_scores_runs_and_baselines(fitted_study):
+    from featmap_ray.evaluation import stages
+
+    cfg, _ = fitted_study
+    frame = stages.run_evaluate(cfg).set_index(["manipulation", "model", "group"])
+    assert len(frame) == 6  # 3 runs + identity (x2) + spatial_only
+    assert frame.loc[("rotation_90", "spatial_only", "baseline"), "cos_median"] == pytest.approx(1.0, abs=1e-6)
+    assert frame.loc[("rotation_90", "identity", "baseline"), "cos_median"] < 0.99
+    assert frame.loc[("hue_shift_60", "ridge", "affine"), "cos_median"] > 0.999
+    assert frame.loc[("hue_shift_60", "linear", "affine"), "cos_median"] > frame.loc[
+        ("hue_shift_60", "identity", "baseline"), "cos_median"]
+    # Classifier agreement through the tiny ConvNeXt head; the exact map agrees with the edit.
+    assert frame.loc[("rotation_90", "spatial_only", "baseline"), "agree_top1_edit_mapped"] == 1.0
+    assert 0.0 <= frame["jsd_orig_mapped_mean"].min() and frame["jsd_orig_mapped_mean"].max() <= 1.0
+    assert frame["n_samples"].eq(16).all()
+
+
+def test_analyze_and_report(fitted_study):
+    from featmap_ray.evaluation import stages
+
+    cfg, _ = fitted_study
+    frames = stages.run_analyze(cfg)
+    svd = frames["svd"].set_index("model")
+    assert len(frames["svd"]) == 3
+    a, _ = mt.affine_truth(SHAPE[0])
+    s = np.linalg.svd(a, compute_uv=False)
+    assert svd.loc["ridge", "spectral_norm"] == pytest.approx(s[0], rel=1e-3)
+    trunc = frames["truncation"]
+    ridge = trunc[(trunc["model"] == "ridge") & (trunc["metric"] == "cos_median")].set_index("k")["value"]
+    assert list(ridge.index) == [1, 4, 16] and ridge[16] > 0.999 and ridge[1] < ridge[4] < ridge[16]
+    wxb = frames["weight_bias"]
+    assert set(wxb["family"]) == {"photometric", "geometric"}
+
+    if stages.store.open_table(stages.results_uri(cfg, "evaluations")) is None:
+        stages.run_evaluate(cfg)
+    summary = stages.run_report(cfg)
+    pngs = list(summary.parent.glob("*.png"))
+    assert summary.exists() and len(pngs) >= 4
+    assert "cos_median" in summary.read_text()
+
+
+def test_bad_requests_fail_before_any_work(tmp_path, ray_session):
+    from featmap_ray.mapping import grid
+
+    mt.write_tables(str(tmp_path), shape=SHAPE, n_train=4, n_test=2)
+    bad = [
+        ({"datasets": {"t": {"g": {"manipulations": ["hue_shift_60"], "models": ["lineer"]}}}}, "unknown model family 'lineer'"),
+        ({"losses": {"x": "mse+cosine"}}, "cosine"),
+        ({"datasets": {"t": {"g": {"manipulations": ["sepia"], "models": ["linear"]}}}}, "['sepia'] are not in the images table"),
+        ({"targets": [{"backbone": "convnext_base", "layers": ["stage2"]}]}, "no features table"),
+        ({"model_hparams": {"mlp": {"hiden": 3}}}, "hiden"),
+    ]
+    for mapping, message in bad:
+        with pytest.raises((ValueError, FileNotFoundError), match=message.replace("[", r"\[").replace("]", r"\]")):
+            grid.run_study(study_config(tmp_path, **mapping))
+    assert not (tmp_path / "mapping" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_sweep_keeps_the_best_trial(tmp_path, ray_session):
+    from featmap_ray.mapping import sweep
+    from featmap_ray.mapping.train import load_run
+
+    mt.write_tables(str(tmp_path), shape=SHAPE, n_train=24, n_test=4)
+    cfg = study_config(tmp_path, sweep={"model": "mlp", "manipulation": "hue_shift_60", "num_samples": 2,
+                                        "grace_period": 1, "space": {"lr": {"type": "grid", "values": [1e-6, 3e-2]},
+                                                                     "hidden": {"type": "choice", "values": [8]}}},
+                       training={"max_epochs": 4, "batch_size": 8, "accumulate": 1})
+    summary = sweep.run_sweep(cfg)
+    assert summary["trials"] == 2 and summary["errors"] == 0
+    assert summary["best_config"]["lr"] == pytest.approx(3e-2)  # 1e-6 cannot move in 4 epochs
+    model, spec, info = load_run(summary["dir"])
+    assert spec.hparams["hidden"] == 8 and info["best"]["val_loss"] == pytest.approx(summary["best_val_loss"])
+
+
+@pytest.mark.slow
+def test_killed_fit_resumes_from_its_checkpoint(tmp_path):
+    mt.write_tables(str(tmp_path), shape=SHAPE, n_train=24, n_test=4)
+    cfg = study_config(tmp_path, datasets={"t": {"g": {"manipulations": ["hue_shift_60"], "models": ["linear"]}}},
+                       training={"max_epochs": 400, "patience": 400, "lr": 1e-4, "batch_size": 8, "accumulate": 1})
+    path = tmp_path / "study.yaml"
+    path.write_text(cfg.dump())
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    cmd = [sys.executable, "-m", "featmap_ray.cli", "fit", "--config", str(path), "ray.num_cpus=6"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    train_dir = tmp_path / "mapping" / "train"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(train_dir.glob("*/checkpoint_*"))) < 2:
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list(train_dir.glob("*/checkpoint_*"))) >= 1, "no checkpoint before the kill"
+
+    data = yaml.safe_load(path.read_text())
+    data["mapping"]["training"]["max_epochs"] = 12
+    path.write_text(yaml.safe_dump(data))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(next((tmp_path / "mapping" / "runs").glob("*/*/run.json")).read_text())
+    assert info["resumed_at"] and info["resumed_at"][0] >= 1  # continued after a finished epoch
+    assert [h["epoch"] for h in info["history"]] == list(range(12))
