@@ -125,7 +125,7 @@ def key_string(source_id: str, variant: str) -> str:
     return f"{source_id}/{variant}"
 
 
-def _sql_list(values: Iterable[str]) -> str:
+def sql_list(values: Iterable[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
 
@@ -202,7 +202,7 @@ class Store:
         if ds is None or not wanted:
             return pa.table({c: pa.array([], pa.string()) for c in KEY})
         ids = sorted({s for s, _ in wanted})
-        table = ds.to_table(columns=[*KEY, *columns], filter=f"source_id IN ({_sql_list(ids)})")
+        table = ds.to_table(columns=[*KEY, *columns], filter=f"source_id IN ({sql_list(ids)})")
         return table.filter(pa.array([k in wanted for k in _keys(table)], type=pa.bool_()))
 
     def read_ray(self, uri: str, columns: list[str] | None = None, filter: str | None = None):
@@ -233,7 +233,7 @@ class Store:
         stale = sorted(recorded.intersection(keys))
         ds = self.open(self.errors_uri)
         for start in range(0, len(stale), 1000):
-            ds.delete(f"stage = '{stage}' AND key IN ({_sql_list(stale[start:start + 1000])})")
+            ds.delete(f"stage = '{stage}' AND key IN ({sql_list(stale[start:start + 1000])})")
 
     def errors(self, stage: str | None = None) -> pa.Table:
         ds = self.open(self.errors_uri)
@@ -262,14 +262,14 @@ def _keys(table: pa.Table, key: tuple[str, ...] = KEY) -> list[tuple]:
     return list(zip(*(table[c].to_pylist() for c in key), strict=True))
 
 
-def _commit_new_rows(uri: str, table: pa.Table, key: tuple[str, ...] = KEY) -> int:
+def commit_new_rows(uri: str, table: pa.Table, key: tuple[str, ...] = KEY) -> int:
     """Append the rows whose keys the table does not hold yet, as one commit; returns their number.
 
     Checking at commit time (not only when the stage starts) keeps a retried write task or a
     second concurrent run of the same stage from adding duplicates."""
     ds = lance.dataset(uri)
     ids = sorted(set(table["source_id"].to_pylist()))
-    stored = set(_keys(ds.to_table(columns=list(key), filter=f"source_id IN ({_sql_list(ids)})"), key))
+    stored = set(_keys(ds.to_table(columns=list(key), filter=f"source_id IN ({sql_list(ids)})"), key))
     if stored:
         table = table.filter(pa.array([k not in stored for k in _keys(table, key)], type=pa.bool_()))
     if table.num_rows:
@@ -312,7 +312,7 @@ class KeyedLanceSink(Datasink):
         written = {}
         for target in self.targets:
             rows = target.rows(ok)
-            written[target.uri] = _commit_new_rows(target.uri, rows, target.key) if rows.num_rows else 0
+            written[target.uri] = commit_new_rows(target.uri, rows, target.key) if rows.num_rows else 0
         bad = batch.filter(failed)
         failed_rows = [
             {"key": key_string(r["source_id"], r["variant"]), "source_id": r["source_id"], "variant": r["variant"],

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from featmap_ray.featinv.model import PROMPT, FeatureMismatch, build_featinv, tiny_base_components
+from featmap_ray.featinv.model import (
+    PROMPT,
+    FeatureMismatch,
+    build_featinv,
+    tiny_base_components,
+)
 from featmap_ray.featinv.sample import (
     decode_latents,
     encode_prompts,

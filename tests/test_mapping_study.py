@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-import mapping_tables as mt
 from featmap_ray.config import Config
+from featmap_ray.mapping import synthetic as mt
 
 TINY_CLASSIFIER = {"name": "convnext_base", "pretrained": False,
                    "model_kwargs": {"depths": [1, 1, 1, 1], "dims": [8, 8, 8, 16]}}
@@ -178,7 +178,7 @@ def test_sweep_keeps_the_best_trial(tmp_path, ray_session):
     from featmap_ray.mapping.train import load_run
 
     mt.write_tables(str(tmp_path), shape=SHAPE, n_train=24, n_test=4)
-    cfg = study_config(tmp_path, sweep={"model": "mlp", "manipulation": "hue_shift_60", "num_samples": 2,
+    cfg = study_config(tmp_path, sweep={"model": "mlp", "manipulation": "hue_shift_60", "num_samples": 1,
                                         "grace_period": 1, "space": {"lr": {"type": "grid", "values": [1e-6, 3e-2]},
                                                                      "hidden": {"type": "choice", "values": [8]}}},
                        training={"max_epochs": 4, "batch_size": 8, "accumulate": 1})

@@ -276,21 +276,22 @@ def run_report(cfg: Config) -> Path:
     out = reports_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     evals = read_results(cfg, "evaluations")
-    figures = report.family_heatmaps(evals, "cos_median", out)
+    figures = {"Median cosine to the true edited features": report.family_heatmaps(evals, "cos_median", out)}
     tables = {f"cos_median {b}/{l}": t for (b, l), t in report.family_tables(evals, "cos_median").items()}
     if "agree_top1_orig_mapped" in evals and evals["agree_top1_orig_mapped"].notna().any():
-        figures += report.family_heatmaps(evals, "agree_top1_orig_mapped", out)
+        figures["Top-1 agreement with the original's prediction"] = report.family_heatmaps(
+            evals, "agree_top1_orig_mapped", out)
         tables.update({f"top-1 agreement {b}/{l}": t
                        for (b, l), t in report.family_tables(evals, "agree_top1_orig_mapped").items()})
     if store.open_table(results_uri(cfg, "svd")) is not None:
-        svd = read_results(cfg, "svd")
-        figures += report.spectra_plot(read_results(cfg, "singular_values"), out)
-        wxb = read_results(cfg, "weight_bias").rename(columns={"group": "study_group"})
-        figures += report.weight_bias_plot(wxb.assign(group=wxb["family"]), out)
-        figures += report.truncation_plot(read_results(cfg, "truncation"), out)
-        tables["SVD measures"] = svd.drop(columns=["run", "dataset"])
+        wxb = read_results(cfg, "weight_bias")
+        figures["Singular-value spectra of the linear maps"] = report.spectra_plot(read_results(cfg, "singular_values"), out)
+        figures["Weight vs bias by manipulation family"] = report.weight_bias_plot(wxb.assign(group=wxb["family"]), out)
+        figures["Rank-k truncations of W"] = report.truncation_plot(read_results(cfg, "truncation"), out)
+        tables["SVD measures"] = read_results(cfg, "svd").drop(columns=["run", "dataset"])
     summary = report.write_summary(tables, out / "report.md", figures=figures,
                                    title=f"FeatMap study {cfg.mapping.study}")
+    n_figures = sum(len(paths) for paths in figures.values())
     run_id = tracking.study_run(cfg, "report")
-    tracking.end_study_run(cfg, run_id, {"figures": len(figures)}, artefacts=out)
+    tracking.end_study_run(cfg, run_id, {"figures": n_figures}, artefacts=out)
     return summary

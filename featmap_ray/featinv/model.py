@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    UNet2DConditionModel,
+)
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer

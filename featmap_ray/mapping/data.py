@@ -156,7 +156,7 @@ def channel_stats(st: store.Store, *, dataset: str, backbone: str, layer: str, s
     ids = sorted(dataset_source_ids(st, dataset))
     if not ids:
         raise ValueError(f"no original images of dataset {dataset!r} in {st.images_uri}")
-    filt = f"variant = '{store.ORIGINAL}' AND split = '{split}' AND source_id IN ({store._sql_list(ids)})"
+    filt = f"variant = '{store.ORIGINAL}' AND split = '{split}' AND source_id IN ({store.sql_list(ids)})"
     parts = st.read_ray(uri, columns=["source_id", "feature"], filter=filt).map_batches(
         _partial_moments, batch_format="pyarrow", batch_size=256).take_all()
     if not parts:

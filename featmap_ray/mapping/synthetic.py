@@ -2,6 +2,7 @@
 
 Originals are random (C, H, W) maps; each manipulation's maps are a known function of them (an
 affine map A x + b per position, an exact rotation), so a mapping run must recover that function.
+Used by the tests and benchmarks, and useful to check a deployment end to end without images.
 """
 
 from __future__ import annotations
@@ -25,13 +26,31 @@ def apply_affine(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("oc,nchw->nohw", a, x) + b[None, :, None, None]
 
 
+def affine_manipulation(channels: int, seed: int = 1):
+    a, b = affine_truth(channels, seed)
+    return lambda x: apply_affine(x, a, b)
+
+
+def read_pairs(root: str, manipulation: str, split: str = "train", dataset: str = "t"):
+    """(x, y) tensors of the stored pairs, in source_id order, loaded into memory."""
+    import torch
+
+    from featmap_ray.mapping import data
+
+    st = store.Store(root)
+    pairs = data.load_pairs(st, dataset=dataset, backbone=BACKBONE, layer=LAYER, manipulation=manipulation, split=split)
+    table = st.open(pairs.uri)
+    x = store.tensor_numpy(table.take(pairs.x_offsets, columns=["feature"])["feature"])
+    y = store.tensor_numpy(table.take(pairs.y_offsets, columns=["feature"])["feature"])
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
 def write_tables(root: str, *, dataset: str = "t", n_train: int = 48, n_test: int = 16, shape=(8, 3, 3),
                  manipulations: dict | None = None, seed: int = 0, dtype: str = "float32",
                  nan_source: str | None = None) -> dict[str, np.ndarray]:
     """Images rows (no pixels) and a features table for (BACKBONE, LAYER); returns the originals."""
     rng = np.random.default_rng(seed)
-    a, b = affine_truth(shape[0])
-    manipulations = manipulations or {"hue_shift_60": lambda x: apply_affine(x, a, b),
+    manipulations = manipulations or {"hue_shift_60": affine_manipulation(shape[0]),
                                       "rotation_90": lambda x: np.rot90(x, 1, axes=(2, 3))}
     st = store.Store(root)
     n = n_train + n_test
@@ -48,12 +67,12 @@ def write_tables(root: str, *, dataset: str = "t", n_train: int = 48, n_test: in
                    "seed": None, "image": b"", "width": 0, "height": 0, "source_path": ""}
                   for v in variants for s, sp, c in zip(ids, splits, classes, strict=True)]
     store.ensure_table(st.images_uri, store.IMAGES_SCHEMA)
-    store._commit_new_rows(st.images_uri, pa.Table.from_pylist(image_rows, schema=store.IMAGES_SCHEMA))
+    store.commit_new_rows(st.images_uri, pa.Table.from_pylist(image_rows, schema=store.IMAGES_SCHEMA))
 
     schema = store.feature_schema(shape, dtype, {"backbone": BACKBONE, "layer": LAYER})
     store.ensure_table(st.features_uri(BACKBONE, LAYER), schema)
     for v, maps in variants.items():
         table = pa.table({"source_id": ids, "variant": [v] * n, "split": splits, "class_idx": classes,
                           "feature": store.tensor_array(maps.astype(dtype))}).cast(schema)
-        store._commit_new_rows(st.features_uri(BACKBONE, LAYER), table)
+        store.commit_new_rows(st.features_uri(BACKBONE, LAYER), table)
     return variants

@@ -1,0 +1,136 @@
+"""FeatInv training through Ray Train on tiny models: the loss goes down, a re-run resumes, a NaN loss stops."""
+
+import io
+
+import lance
+import mlflow
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from featmap_ray import ingest, store, tracking
+from featmap_ray.config import BackboneRequest
+from featmap_ray.featinv import metrics, model, train
+from tests.conftest import TINY_BACKBONES, make_config, tiny_backbone, write_image
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _config(storage, root, **training):
+    featinv = {"base_model": "tiny", "encoder_hidden_channels": 16, "sampling": {"steps": 2},
+               "training": {"batch_size": 2, "log_every": 1, "sample_every": 3, "checkpoint_every": 3,
+                            "sample_steps": 2, **training}}
+    return make_config(storage, root, featinv=featinv)
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for i in range(6):
+        write_image(root / "images" / "train" / f"c{i % 2}" / f"{i}.png", size=(64, 64), seed=10 + i)
+    cfg = _config(root.parent / "store", root)
+    ingest.run(cfg)
+    return cfg
+
+
+def _reference_backbone():
+    torch.manual_seed(0)  # = BackboneRequest.init_seed
+    return timm.create_model("convnext_base", pretrained=False, **TINY_BACKBONES["convnext_base"]).eval()
+
+
+VIEW = T.Compose([T.Resize(288), T.CenterCrop(288)])
+NORMALISE = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+
+def _eval_batch(cfg):
+    """Every stored image as (pixels in [-1, 1] at the model's 16×16, ConvNeXt final map of the 288 view)."""
+    pngs = lance.dataset(store.Store(cfg.storage).images_uri).to_table(columns=["image"])["image"].to_pylist()
+    views = [VIEW(Image.open(io.BytesIO(png)).convert("RGB")) for png in pngs]
+    with torch.no_grad():
+        features = _reference_backbone().forward_features(torch.stack([NORMALISE(v) for v in views]))
+    pixels = torch.stack([T.ToTensor()(v.resize((16, 16), Image.BILINEAR)) for v in views]) * 2 - 1
+    return pixels, features
+
+
+def _denoising_loss(components, pixels, features) -> float:
+    """Independent definition: ε-prediction MSE at fixed noise and timesteps, conditioned on the prompt."""
+    from diffusers import DDPMScheduler
+
+    from featmap_ray.featinv import sample
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    with torch.no_grad():
+        latents = components.vae.encode(pixels).latent_dist.mean * components.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+        t = torch.linspace(50, 999, len(pixels)).long()
+        noisy = scheduler.add_noise(latents, noise, t)
+        text = sample.encode_prompts(components, [sample.PROMPT]).expand(len(pixels), -1, -1)
+        down, mid = components.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=features, return_dict=False)
+        pred = components.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                               mid_block_additional_residual=mid).sample
+    return float(((pred - noise) ** 2).mean())
+
+
+def test_conditioning_flips_the_view_and_its_feature_map_together():
+    probe = metrics.BackboneProbe(BackboneRequest(**tiny_backbone("convnext_base")), "stage3")
+    views = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 288, 288, 3), dtype=np.uint8))
+    generator = torch.Generator().manual_seed(1)
+    flipped = torch.rand(6, generator=torch.Generator().manual_seed(1)) < 0.5
+    assert 0 < flipped.sum() < 6
+    pixels, features = train.conditioning({"pixels": views}, probe, True, generator)
+    reference = _reference_backbone()
+    for i in range(6):
+        expected = views[i].flip(1) if flipped[i] else views[i]
+        assert torch.equal(pixels[i], expected)
+        with torch.no_grad():
+            ref = reference.forward_features(NORMALISE(Image.fromarray(expected.numpy()))[None])[0]
+        torch.testing.assert_close(features[i], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_training_lowers_the_loss_and_a_rerun_resumes_from_the_saved_step(ingested, tmp_path):
+    cfg = _config(ingested.storage, ingested.dataset.root, lr=1e-2, max_steps=6, run_name="fit")
+    pixels, features = _eval_batch(cfg)
+    fresh = model.build_featinv(model.tiny_base_components(), feature_channels=64, encoder_hidden_channels=16)
+    before = _denoising_loss(fresh, pixels, features)
+
+    first = train.run(cfg)
+    assert (first.start_step, first.step) == (0, 6)
+    assert first.controlnet == f"{cfg.storage}/featinv/fit/controlnet"
+    trained = model.load_featinv(first.controlnet, model.tiny_base_components())
+    after = _denoising_loss(trained, pixels, features)
+    assert after < 0.95 * before, (before, after)
+
+    cfg.featinv.training.max_steps = 8
+    second = train.run(cfg)
+    assert (second.start_step, second.step) == (6, 8)
+    assert second.mlflow_run_id == first.mlflow_run_id
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    history = client.get_metric_history(first.mlflow_run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))  # every step logged once: no restart from 0
+    samples = {a.path for a in client.list_artifacts(first.mlflow_run_id, "samples")}
+    assert samples == {"samples/step_0000003.png", "samples/step_0000006.png"}
+    grid = np.asarray(Image.open(client.download_artifacts(first.mlflow_run_id, "samples/step_0000006.png",
+                                                           str(tmp_path))))
+    assert grid.shape[:2] == (2 * 16, train.SAMPLES * 16)  # views over reconstructions
+
+
+def test_a_non_finite_loss_stops_training_and_names_the_step(ingested, tmp_path):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = _config(ingested.storage, ingested.dataset.root, lr=1e30, max_steps=5, run_name="nan")
+    # Ray Train local mode (the loop in this process): the same loop as `train.run`, minus worker startup.
+    trainer = TorchTrainer(train.train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
+                           datasets={"train": train.training_dataset(cfg)},
+                           scaling_config=ray.train.ScalingConfig(num_workers=0),
+                           run_config=ray.train.RunConfig(name="nan", storage_path=str(tmp_path)))
+    with pytest.raises(Exception) as failure:
+        trainer.fit()
+    error = failure.value
+    while not isinstance(error, train.NonFiniteLoss) and error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, train.NonFiniteLoss), repr(failure.value)
+    assert "at step 2 " in str(error) and "featinv.training.lr" in str(error)
