@@ -16,12 +16,15 @@ setup: $(STAMP)
 
 demo: setup
 	.venv/bin/featmap pipeline --config conf/demo.yaml
+	.venv/bin/featmap study --config conf/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q
 
 benchmark: setup
 	$(PY) benchmarks/extract_throughput.py
+	$(PY) benchmarks/mapping_throughput.py
+	$(PY) benchmarks/featinv_sampling.py
 
 clean:
 	rm -rf featmap_data .pytest_cache

@@ -9,6 +9,7 @@ import pytest
 import ray
 import timm
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 from featmap_ray import extract, ingest, store, tracking
@@ -26,7 +27,7 @@ def extracted(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     for i in range(6):
         write_image(root / "images" / "test" / f"c{i % 2}" / f"{i}.png", size=(72, 64), seed=i)
-    cfg = make_config(root.parent / "store", root, featinv=FEATINV)
+    cfg = make_config(tmp_path_factory.mktemp("store"), root, featinv=FEATINV)
     ingest.run(cfg)
     extract.run(cfg)
     return cfg
@@ -48,9 +49,9 @@ def _reference_model():
     return timm.create_model("convnext_base", pretrained=False, **TINY_BACKBONES["convnext_base"]).eval()
 
 
-def _normalised(img: Image.Image) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(img, np.float32) / 255).permute(2, 0, 1)[None]
-    return (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+NORMALISE = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+RECONSTRUCTION_VIEW = T.Compose([T.Resize((288, 288)), NORMALISE])  # bilinear, the paper's evaluation resize
+SOURCE_VIEW = T.Compose([T.Resize(288), T.CenterCrop(288), NORMALISE])  # what `extract` fed the backbone
 
 
 def test_reconstruct_writes_every_key_and_seed_with_metrics_and_resumes(reconstructed):
@@ -65,9 +66,9 @@ def test_reconstruct_writes_every_key_and_seed_with_metrics_and_resumes(reconstr
     for r in rows:
         img = Image.open(io.BytesIO(r["image"]))
         assert img.format == "PNG" and img.size == (16, 16) == (r["width"], r["height"])
-    # two seeds of the same map give different images; the same seed gives the same noise for every map
+    # two seeds of the same map give different images
     by_seed = {(r["source_id"], r["seed"]): r["image"] for r in rows}
-    sid = sorted(originals)[0][0]
+    sid = min(originals)[0]
     assert by_seed[sid, 100] != by_seed[sid, 101]
 
     # per-row metrics against an independent computation on one row
@@ -75,17 +76,13 @@ def test_reconstruct_writes_every_key_and_seed_with_metrics_and_resumes(reconstr
     source_map = store.tensor_numpy(lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(
         filter=f"source_id = '{row['source_id']}' AND variant = 'original'")["feature"])[0].astype(np.float32)
     model = _reference_model()
-    recon = Image.open(io.BytesIO(row["image"])).convert("RGB").resize((288, 288), Image.BILINEAR)
+    recon = RECONSTRUCTION_VIEW(Image.open(io.BytesIO(row["image"])).convert("RGB"))[None]
+    png = lance.dataset(st.images_uri).to_table(
+        filter=f"source_id = '{row['source_id']}' AND variant = 'original'")["image"][0].as_py()
     with torch.no_grad():
-        recon_map = model.forward_features(_normalised(recon))[0].numpy()
-        recon_logits = model(_normalised(recon))[0]
-        png = lance.dataset(st.images_uri).to_table(
-            filter=f"source_id = '{row['source_id']}' AND variant = 'original'")["image"][0].as_py()
-        source = Image.open(io.BytesIO(png)).convert("RGB")
-        scale = 288 / min(source.size)  # torchvision Resize(288) + CenterCrop(288)
-        source = source.resize((round(source.width * scale), round(source.height * scale)), Image.BILINEAR)
-        left, top = (source.width - 288) // 2, (source.height - 288) // 2
-        source_logits = model(_normalised(source.crop((left, top, left + 288, top + 288))))[0]
+        recon_map = model.forward_features(recon)[0].numpy()
+        recon_logits = model(recon)[0]
+        source_logits = model(SOURCE_VIEW(Image.open(io.BytesIO(png)).convert("RGB"))[None])[0]
     cos = (source_map * recon_map).sum(0) / (np.linalg.norm(source_map, axis=0) * np.linalg.norm(recon_map, axis=0))
     assert row["cosine"] == pytest.approx(float(np.median(cos)), abs=5e-3)  # 81 positions: the median is one value
     assert row["source_top1"] == int(source_logits.argmax())
@@ -107,10 +104,9 @@ def test_reconstruct_writes_every_key_and_seed_with_metrics_and_resumes(reconstr
 def test_bad_feature_maps_become_error_rows_and_the_rest_is_written(reconstructed):
     cfg = reconstructed[0]
     st = store.Store(cfg.storage)
-    features = lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(
-        filter="variant = 'original'").to_pylist()[:4]
-    maps = [np.asarray(store.tensor_numpy(lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(
-        filter=f"source_id = '{r['source_id']}' AND variant = 'original'")["feature"])[0], np.float32) for r in features]
+    table = lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(filter="variant = 'original'").slice(0, 4)
+    features = table.to_pylist()
+    maps = list(store.tensor_numpy(table["feature"]).astype(np.float32))
     maps[1][3, 2, 2] = np.nan
     maps[2] = maps[2][:32]  # wrong channel count
     items = [{**{k: r[k] for k in reconstruct.LABELS}, "feature": f} for r, f in zip(features, maps)]

@@ -11,7 +11,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from featmap_ray import ingest, store, tracking
+from featmap_ray import extract, ingest, store, tracking
 from featmap_ray.config import BackboneRequest
 from featmap_ray.featinv import metrics, model, train
 from tests.conftest import TINY_BACKBONES, make_config, tiny_backbone, write_image
@@ -31,8 +31,9 @@ def ingested(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     for i in range(6):
         write_image(root / "images" / "train" / f"c{i % 2}" / f"{i}.png", size=(64, 64), seed=10 + i)
-    cfg = _config(root.parent / "store", root)
+    cfg = _config(tmp_path_factory.mktemp("store"), root)
     ingest.run(cfg)
+    extract.run(cfg)  # for features_source: table
     return cfg
 
 
@@ -61,14 +62,16 @@ def _denoising_loss(components, pixels, features) -> float:
 
     from featmap_ray.featinv import sample
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
     with torch.no_grad():
         latents = components.vae.encode(pixels).latent_dist.mean * components.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
         t = torch.linspace(50, 999, len(pixels)).long()
         noisy = scheduler.add_noise(latents, noise, t)
         text = sample.encode_prompts(components, [sample.PROMPT]).expand(len(pixels), -1, -1)
-        down, mid = components.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=features, return_dict=False)
+        down, mid = components.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=features,
+                                          return_dict=False)
         pred = components.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
                                mid_block_additional_residual=mid).sample
     return float(((pred - noise) ** 2).mean())
@@ -88,6 +91,20 @@ def test_conditioning_flips_the_view_and_its_feature_map_together():
         with torch.no_grad():
             ref = reference.forward_features(NORMALISE(Image.fromarray(expected.numpy()))[None])[0]
         torch.testing.assert_close(features[i], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_table_mode_pairs_each_stored_map_with_the_view_of_its_image(ingested):
+    cfg = _config(ingested.storage, ingested.dataset.root, features_source="table")
+    rows = train.training_dataset(cfg).take_all()
+    st = store.Store(cfg.storage)
+    features = lance.dataset(st.features_uri("convnext_base", "stage3")).to_table()
+    stored = dict(zip(features["source_id"].to_pylist(), store.tensor_numpy(features["feature"]), strict=True))
+    images = {r["source_id"]: r["image"] for r in lance.dataset(st.images_uri).to_table().to_pylist()}
+    assert len(rows) == len(stored) == 6
+    for row in rows:
+        [sid] = [s for s, f in stored.items() if np.array_equal(f, row["feature"])]
+        expected = np.asarray(VIEW(Image.open(io.BytesIO(images[sid])).convert("RGB")))
+        np.testing.assert_array_equal(row["pixels"], expected)
 
 
 def test_training_lowers_the_loss_and_a_rerun_resumes_from_the_saved_step(ingested, tmp_path):
@@ -121,7 +138,8 @@ def test_a_non_finite_loss_stops_training_and_names_the_step(ingested, tmp_path)
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = _config(ingested.storage, ingested.dataset.root, lr=1e30, max_steps=5, run_name="nan")
+    cfg = _config(ingested.storage, ingested.dataset.root, lr=1e30, max_steps=5, run_name="nan",
+                  features_source="table")
     # Ray Train local mode (the loop in this process): the same loop as `train.run`, minus worker startup.
     trainer = TorchTrainer(train.train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
                            datasets={"train": train.training_dataset(cfg)},

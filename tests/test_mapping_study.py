@@ -215,3 +215,15 @@ def test_killed_fit_resumes_from_its_checkpoint(tmp_path):
     info = json.loads(next((tmp_path / "mapping" / "runs").glob("*/*/run.json")).read_text())
     assert info["resumed_at"] and info["resumed_at"][0] >= 1  # continued after a finished epoch
     assert [h["epoch"] for h in info["history"]] == list(range(12))
+
+
+def test_paper_study_config_expands_to_the_615_runs_of_the_paper():
+    from featmap_ray.config import load_config
+    from featmap_ray.mapping import study
+
+    cfg = load_config(Path(__file__).parents[1] / "conf" / "paper_study.yaml")
+    runs = study.expand(cfg)
+    # spec §6.1: Cars 7x4 + 5x1 + 5x4 + 5x1 = 58 and CUB 7x4 + 3x4 + 5x4 + 5x1 = 65 per target, 5 targets
+    assert len(runs) == 615 == len({r.key for r in runs})
+    assert sum(r.apply_transform for r in runs) == 2 * 5 * 4 * 5
+    assert {r.normalise for r in runs if r.layer == "stage3"} == {False}

@@ -36,7 +36,8 @@ def median_cosine(source: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return cos.flatten(1).median(dim=1).values
 
 
-def classifier_agreement(source_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def classifier_agreement(source_logits: torch.Tensor,
+                         logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(source top-1 class, top-1 match, top-5(1) match) per row."""
     source_top1 = source_logits.argmax(dim=1)
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -87,7 +88,8 @@ def resize_pixels(pixels: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    mean_, std_ = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x - mean_) / std_
 
 
 class BackboneProbe:
@@ -140,7 +142,7 @@ def inception_extractor(weights: str | Path, device: torch.device | str = "cpu")
                                 "Inception-v3 state dict, e.g. inception_v3_google-0cc3c7bd.pth)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     aux = any(k.startswith("AuxLogits.") for k in state)
-    # transform_input=False + inputs normalised to [-1, 1]: what transform_input=True does for ImageNet-normalised input.
+    # transform_input=False + inputs scaled to [-1, 1]: what transform_input=True does to ImageNet-normalised input.
     model = inception_v3(weights=None, aux_logits=aux, transform_input=False, init_weights=False)
     model.load_state_dict(state)
     model.fc = nn.Identity()

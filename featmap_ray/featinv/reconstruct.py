@@ -27,7 +27,7 @@ from PIL import Image
 
 from featmap_ray import backbones, imageio, store
 from featmap_ray.config import BackboneRequest, Config
-from featmap_ray.featinv import metrics
+from featmap_ray.featinv import metrics, model, sample
 
 STAGE = "reconstruct"
 EXTRACTED = "extracted"  # the generator of the maps in the features table
@@ -48,24 +48,21 @@ def featinv_backbone(cfg: Config) -> tuple[BackboneRequest, str]:
     fi = cfg.featinv
     if not cfg.extract.backbones:
         raise ValueError("featinv needs a backbone: extract.backbones is empty")
-    request = next(r for r in cfg.extract.backbones if r.name == fi.backbone) if fi.backbone else cfg.extract.backbones[0]
+    requests = cfg.extract.backbones
+    request = next(r for r in requests if r.name == fi.backbone) if fi.backbone else requests[0]
     spec = backbones.get_spec(request.name)
     layer = fi.layer or backbones.resolve_layers(spec, request.layers)[-1]
     return request, backbones.resolve_layers(spec, [layer])[0]
 
 
-def base_components(name: str):
+def base_components(name: str) -> model.BaseComponents:
     """(vae, text_encoder, tokenizer, unet): random tiny models for "tiny", else Stable Diffusion at `name`."""
-    from featmap_ray.featinv import model
-
     return model.tiny_base_components(seed=0) if name == "tiny" else model.load_base_components(name)
 
 
-def featinv_components(cfg: Config, controlnet_dir: str | None = None):
+def featinv_components(cfg: Config, controlnet_dir: str | None = None) -> model.FeatInvComponents:
     """The FeatInv model of the config: the ControlNet in `controlnet_dir` or `featinv.controlnet`,
     else a fresh one made from the base UNet (seeded: every worker and actor builds the same)."""
-    from featmap_ray.featinv import model
-
     fi = cfg.featinv
     request, layer = featinv_backbone(cfg)
     base = base_components(fi.base_model)
@@ -80,14 +77,25 @@ def featinv_components(cfg: Config, controlnet_dir: str | None = None):
     channels, height, width = backbones.feature_shapes(backbones.get_spec(request.name), request, [layer])[layer]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.featinv.training.seed)
-        return model.build_featinv(base, feature_channels=channels, pooled=fi.pooled, backbone=request.name, layer=layer,
-                                   feature_height=height, feature_width=width,
+        return model.build_featinv(base, feature_channels=channels, pooled=fi.pooled, backbone=request.name,
+                                   layer=layer, feature_height=height, feature_width=width,
                                    encoder_hidden_channels=fi.encoder_hidden_channels)
 
 
 def backbone_view(png: bytes, size: int) -> np.ndarray:
     """A stored image as the backbone sees it: uint8 (size, size, 3), resized and centre-cropped."""
     return np.asarray(imageio.resize_center_crop(Image.fromarray(imageio.decode_png_rgb(png)), size))
+
+
+def selection(split: str | None, variants: list[str] | None) -> str | None:
+    """Lance filter for rows of `split` (None: all) and `variants` (None: all)."""
+    def quoted(values: Iterable[str]) -> str:
+        return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+    conditions = [f"split = {quoted([split])}"] if split else []
+    if variants:
+        conditions.append(f"variant IN ({quoted(variants)})")
+    return " AND ".join(conditions) or None
 
 
 def _use_cores(use_gpu: bool) -> torch.device:
@@ -133,8 +141,6 @@ class Reconstructor:
         self.generator, self.schema = generator, store.with_error_columns(schema)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from featmap_ray.featinv import model, sample
-
         rows, features, good = [], [], []
         for i, seeds in enumerate(batch["seeds"]):
             labels = {k: batch[k][i] for k in LABELS}
@@ -152,13 +158,14 @@ class Reconstructor:
                 good.append(rows[-1])
         if good:
             try:
-                self._reconstruct(torch.cat(features).to(self.device), good, sample)
+                self._reconstruct(torch.cat(features).to(self.device), good)
             except Exception as e:  # e.g. out of memory: the batch is recorded as failed, the job goes on
                 for row in good:
-                    row.update(store.failure(type(e).__name__, f"FeatInv sampling of {row['source_id']}/{row['variant']}: {e}"))
+                    where = f"{row['source_id']}/{row['variant']}"
+                    row.update(store.failure(type(e).__name__, f"FeatInv sampling of {where}: {e}"))
         return pa.Table.from_pylist(rows, schema=self.schema)
 
-    def _reconstruct(self, features: torch.Tensor, rows: list[dict], sample) -> None:
+    def _reconstruct(self, features: torch.Tensor, rows: list[dict]) -> None:
         s = self.sampling
         images = sample.reconstruct(self.components, features, [r["seed"] for r in rows], steps=s.steps,
                                     guidance=s.guidance, prompt=s.prompt, negative_prompt=s.negative_prompt,
@@ -202,7 +209,8 @@ class FidFeatures:
         source = np.full_like(reconstruction, np.nan)
         if have.any():
             source[have] = self.extractor(torch.from_numpy(np.stack([sources[k] for k in keys if k in sources])))
-        out = {"reconstruction": reconstruction.astype(np.float32), "source": source.astype(np.float32), "has_source": have}
+        out = {"reconstruction": reconstruction.astype(np.float32), "source": source.astype(np.float32),
+               "has_source": have}
         for name in ROW_METRICS:
             out[name] = batch[name].cast(pa.float64()).to_numpy(zero_copy_only=False)
         return out
@@ -250,8 +258,8 @@ def evaluate(cfg: Config, generator: str) -> ReconstructionMetrics:
     request, layer = featinv_backbone(cfg)
     st = store.Store(cfg.storage)
     s = cfg.featinv.sampling
-    ds = st.read_ray(st.reconstructions_uri(request.name, layer), columns=["source_id", "variant", "image", *ROW_METRICS],
-                     filter=_rows_filter(generator, _seeds(cfg)))
+    ds = st.read_ray(st.reconstructions_uri(request.name, layer), filter=_rows_filter(generator, _seeds(cfg)),
+                     columns=["source_id", "variant", "image", *ROW_METRICS])
     features = ds.map_batches(FidFeatures, fn_constructor_args=(cfg,), batch_size=s.batch_size, batch_format="pyarrow",
                               compute=ray.data.ActorPoolStrategy(size=s.num_actors), num_gpus=s.num_gpus)
     parts: dict[str, list[np.ndarray]] = {}
@@ -270,7 +278,8 @@ def evaluate(cfg: Config, generator: str) -> ReconstructionMetrics:
     if have.sum() >= 2:
         fid = metrics.fid(columns["source"][have], columns["reconstruction"][have])
     name = metrics.fid_extractor_name(cfg.featinv.eval.fid_inception_weights, backbones.get_spec(request.name))
-    return ReconstructionMetrics(generator, len(have), mean("cosine"), mean("top1_match"), mean("top5_match"), fid, name)
+    return ReconstructionMetrics(generator, len(have), mean("cosine"), mean("top1_match"), mean("top5_match"),
+                                 fid, name)
 
 
 # -- The job ------------------------------------------------------------------------------------
@@ -333,7 +342,8 @@ def _log(cfg: Config, report: ReconstructReport) -> None:
                             "failed": report.failed})
 
 
-def reconstruct_dataset(cfg: Config, ds, generator: str, *, keys: Iterable[tuple[str, str]] | None = None) -> ReconstructReport:
+def reconstruct_dataset(cfg: Config, ds, generator: str, *,
+                        keys: Iterable[tuple[str, str]] | None = None) -> ReconstructReport:
     """Reconstruct every feature map of `ds` (columns source_id, variant, split, class_idx and a
     (C, H, W) tensor `feature`) that the table lacks for `generator` and the configured seeds, then
     evaluate all stored rows of the generator and log an MLflow run. `keys` restricts `ds` to those
@@ -369,20 +379,13 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *, keys: Iterable[tuple
     return report
 
 
-def _quoted(values: Iterable[str]) -> str:
-    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
-
-
 def run(cfg: Config) -> ReconstructReport:
     """Reconstruct the selected maps of the features table (featinv.sampling.split / variants / limit)."""
     request, layer = featinv_backbone(cfg)
     st = store.Store(cfg.storage)
     s = cfg.featinv.sampling
     uri = st.features_uri(request.name, layer)
-    conditions = [f"split = {_quoted([s.split])}"] if s.split else []
-    if s.variants:
-        conditions.append(f"variant IN ({_quoted(s.variants)})")
-    where = " AND ".join(conditions) or None
+    where = selection(s.split, s.variants)
     keys = sorted(st.keys(uri, filter=where))
     if not keys:
         raise FileNotFoundError(f"no feature maps in {uri}" + (f" where {where}" if where else "")

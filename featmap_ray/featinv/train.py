@@ -31,13 +31,14 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from featmap_ray import store
+from featmap_ray import backbones, store
 from featmap_ray.config import Config
-from featmap_ray.featinv import metrics, reconstruct
+from featmap_ray.featinv import metrics, model, reconstruct, sample
 
 STAGE = "featinv-train"
 STATE_FILE = "training_state.pt"
 SAMPLES = 2  # feature maps in the logged sample grid
+PREPROCESS_BATCH = 64  # rows per decode / image-lookup task
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -63,35 +64,23 @@ def attach_views(batch: pa.Table, storage: str, size: int) -> dict[str, np.ndarr
     return {"pixels": pixels, "feature": features}
 
 
-def _where(split: str | None, variants: list[str] | None) -> str | None:
-    def quoted(v: str) -> str:
-        return "'" + v.replace("'", "''") + "'"
-
-    conditions = [f"split = {quoted(split)}"] if split else []
-    if variants:
-        conditions.append(f"variant IN ({', '.join(map(quoted, variants))})")
-    return " AND ".join(conditions) or None
-
-
 def training_dataset(cfg: Config):
     """The Ray Dataset of training rows: `pixels` (+ `feature` when read from the features table)."""
-    from featmap_ray import backbones
-
     tr = cfg.featinv.training
     request, layer = reconstruct.featinv_backbone(cfg)
     size = backbones.get_spec(request.name).input_size
     st = store.Store(cfg.storage)
-    where = _where(tr.split, tr.variants)
+    where = reconstruct.selection(tr.split, tr.variants)
     if tr.features_source == "on_the_fly":
         uri, columns, udf, kwargs = st.images_uri, ["image"], decode_views, {"size": size}
     else:
         uri, columns = st.features_uri(request.name, layer), ["source_id", "variant", "feature"]
         udf, kwargs = attach_views, {"storage": cfg.storage, "size": size}
     if st.count(uri, filter=where) == 0:
-        raise FileNotFoundError(f"no training rows in {uri}" + (f" where {where}" if where else "") +
-                                ": run `featmap ingest` / `featmap extract` first, or check featinv.training.split / variants")
+        raise FileNotFoundError(f"no training rows in {uri}" + (f" where {where}" if where else "") + ": run "
+                                "`featmap ingest` / `featmap extract` first, or check featinv.training.split / variants")
     return st.read_ray(uri, columns=columns, filter=where).map_batches(udf, fn_kwargs=kwargs, batch_format="pyarrow",
-                                                                       batch_size=tr.batch_size)
+                                                                       batch_size=PREPROCESS_BATCH)
 
 
 # -- One training step (plain torch) ----------------------------------------------------------
@@ -103,19 +92,20 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
 
 def conditioning(batch: dict[str, torch.Tensor], probe: metrics.BackboneProbe | None, hflip: bool,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(views uint8 NHWC, feature maps NCHW float32): the stored maps, or the backbone on the views,
-    each flipped horizontally with probability 0.5 first when `hflip`."""
+    """(views uint8 NHWC, feature maps NCHW float32). With a backbone `probe`: its maps of the views,
+    each view first flipped horizontally with probability 0.5 when `hflip`. Without: the stored maps."""
     pixels = batch["pixels"]
     if probe is None:
         return pixels, batch["feature"].float()
     if hflip:
         flip = torch.rand(len(pixels), generator=generator, device=generator.device) < 0.5
         pixels = torch.where(flip.to(pixels.device)[:, None, None, None], pixels.flip(2), pixels)
-    return pixels, probe.features(pixels)
+    return pixels, probe.features(pixels).clone()  # a normal tensor: inference tensors cannot enter autograd
 
 
-def diffusion_loss(components, controlnet: torch.nn.Module, pixels: torch.Tensor, features: torch.Tensor,
-                   text: torch.Tensor, noise_scheduler, dropout: float, generator: torch.Generator) -> torch.Tensor:
+def diffusion_loss(components: model.FeatInvComponents, controlnet: torch.nn.Module, pixels: torch.Tensor,
+                   features: torch.Tensor, text: torch.Tensor, noise_scheduler, dropout: float,
+                   generator: torch.Generator) -> torch.Tensor:
     """Noise-prediction MSE of the frozen UNet plus the ControlNet's residuals, with joint conditioning dropout.
 
     `text` holds the embeddings of (prompt, ""); `controlnet` may be DDP-wrapped."""
@@ -135,17 +125,17 @@ def diffusion_loss(components, controlnet: torch.nn.Module, pixels: torch.Tensor
     return F.mse_loss(pred.float(), noise.float())
 
 
-def sample_grid(components, cfg: Config, features: torch.Tensor, pixels: torch.Tensor) -> np.ndarray:
+def sample_grid(components: model.FeatInvComponents, cfg: Config, features: torch.Tensor,
+                pixels: torch.Tensor) -> np.ndarray:
     """Views (top row) over their reconstructions (bottom row), uint8 HWC."""
-    from featmap_ray.featinv import sample
-
     s = cfg.featinv.sampling
     components.controlnet.eval()
     images = sample.reconstruct(components, features, [s.seed] * len(features), steps=cfg.featinv.training.sample_steps,
                                 guidance=s.guidance, prompt=s.prompt, negative_prompt=s.negative_prompt,
                                 control_scale=s.control_scale)
     components.controlnet.train()
-    views = (metrics.resize_pixels(pixels, components.image_size) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    views = (metrics.resize_pixels(pixels, components.image_size) * 255).round().byte()
+    views = views.permute(0, 2, 3, 1).cpu().numpy()
     return np.concatenate([np.concatenate(list(views), axis=1), np.concatenate(list(images), axis=1)], axis=0)
 
 
@@ -170,7 +160,7 @@ def _mlflow_run(cfg: Config, run_id: str | None, rank: int) -> Iterator[str | No
             yield run_id
 
 
-def _load(cfg: Config) -> tuple[object, dict]:
+def _load(cfg: Config) -> tuple[model.FeatInvComponents, dict]:
     """The FeatInv model and the training state: from the run's last checkpoint, else new."""
     import ray.train
 
@@ -188,8 +178,6 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     from diffusers import DDPMScheduler
 
-    from featmap_ray.featinv import sample
-
     cfg = Config.model_validate(config["cfg"])
     fi, tr = cfg.featinv, cfg.featinv.training
     rank = ray.train.get_context().get_world_rank()
@@ -200,7 +188,7 @@ def train_loop(config: dict) -> None:
     components.to(device)
     controlnet = components.controlnet
     controlnet.requires_grad_(True).train()
-    model = ray.train.torch.prepare_model(controlnet, move_to_device=False)  # DDP with more than one worker
+    ddp_controlnet = ray.train.torch.prepare_model(controlnet, move_to_device=False)  # DDP with > 1 worker
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
@@ -227,7 +215,7 @@ def train_loop(config: dict) -> None:
                 pixels, features = conditioning(batch, probe, tr.hflip, generator)
                 if grid_inputs is None:
                     grid_inputs = features[:SAMPLES].clone(), pixels[:SAMPLES].clone()
-                loss = diffusion_loss(components, model, pixels, features, text, noise_scheduler,
+                loss = diffusion_loss(components, ddp_controlnet, pixels, features, text, noise_scheduler,
                                       tr.conditioning_dropout, generator)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
@@ -255,7 +243,7 @@ def train_loop(config: dict) -> None:
             epoch += 1
 
 
-def _save(controlnet, optimizer: torch.optim.Optimizer, rank: int, metrics_: dict) -> None:
+def _save(controlnet, optimizer: torch.optim.Optimizer, rank: int, values: dict) -> None:
     """Report the step's metrics with a checkpoint (written by rank 0; every rank must call this)."""
     import ray.train
 
@@ -263,10 +251,10 @@ def _save(controlnet, optimizer: torch.optim.Optimizer, rank: int, metrics_: dic
         checkpoint = None
         if rank == 0:
             controlnet.save_pretrained(os.path.join(d, "controlnet"))
-            torch.save({"optimizer": optimizer.state_dict(), "step": metrics_["step"],
-                        "mlflow_run_id": metrics_["mlflow_run_id"]}, os.path.join(d, STATE_FILE))
+            torch.save({"optimizer": optimizer.state_dict(), "step": values["step"],
+                        "mlflow_run_id": values["mlflow_run_id"]}, os.path.join(d, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics_, checkpoint=checkpoint)
+        ray.train.report(values, checkpoint=checkpoint)
 
 
 # -- The driver ---------------------------------------------------------------------------------
@@ -305,8 +293,7 @@ def run(cfg: Config) -> TrainSummary:
     tr = cfg.featinv.training
     reconstruct.featinv_backbone(cfg)  # a bad backbone/layer fails here, not on the workers
     dataset = training_dataset(cfg)
-    if "://" not in cfg.storage:
-        tracking.experiment_id(cfg)  # created once by the driver, not raced by workers
+    tracking.experiment_id(cfg)  # created once by the driver, not raced by workers
     storage = f"{cfg.storage}/featinv"
     trainer = TorchTrainer(
         train_loop,

@@ -42,7 +42,7 @@ def read_pairs(root: str, manipulation: str, split: str = "train", dataset: str 
     table = st.open(pairs.uri)
     x = store.tensor_numpy(table.take(pairs.x_offsets, columns=["feature"])["feature"])
     y = store.tensor_numpy(table.take(pairs.y_offsets, columns=["feature"])["feature"])
-    return torch.from_numpy(x), torch.from_numpy(y)
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())  # Arrow buffers are read-only
 
 
 def write_tables(root: str, *, dataset: str = "t", n_train: int = 48, n_test: int = 16, shape=(8, 3, 3),
