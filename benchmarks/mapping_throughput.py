@@ -42,6 +42,8 @@ def config(storage: str, epochs: int, **mapping) -> Config:
         "mapping": {"study": "bench", "targets": [{"backbone": "convnext_base", "layers": ["stage3"], "normalise": False}],
                     "losses": {"paper": LOSS},
                     "training": {"max_epochs": epochs, "patience": epochs, "val_fraction": 0.05, "max_train_pairs": None},
+                    # the worker gets every core, like the bare loop (Ray sets its torch threads to its CPUs)
+                    "resources": {"cpus_per_worker": os.cpu_count(), **mapping.pop("resources", {})},
                     **mapping},
     })
 
@@ -114,7 +116,7 @@ def main() -> None:
             for label, limit in (("concurrent (default)", None), ("sequential", 1)):
                 gcfg = config(storage + "/grid", 3, study=f"grid{limit}",
                               datasets={"t": {"g": {"manipulations": manipulations, "models": ["linear"]}}},
-                              resources={"max_concurrent": limit})
+                              resources={"max_concurrent": limit, "cpus_per_worker": 1})
                 started = time.perf_counter()
                 summary = grid.run_study(gcfg)
                 times[label] = time.perf_counter() - started

@@ -82,10 +82,52 @@ def _report(cfg: Config) -> object:
     return f"[report] {stages.run_report(cfg)}"
 
 
+def _featinv_train(cfg: Config) -> object:
+    from featmap_ray.featinv import train
+
+    return train.run(cfg)
+
+
+def _reconstruct(cfg: Config) -> object:
+    from featmap_ray.featinv import reconstruct
+
+    s = cfg.featinv.sampling
+    if s.mapping_run is None:
+        return reconstruct.run(cfg)
+    from featmap_ray.mapping.apply import mapped_features
+
+    ds, keys = mapped_features(cfg, s.mapping_run, split=s.split or "test")
+    return reconstruct.reconstruct_dataset(cfg, ds, f"mapped:{s.mapping_run}", keys=keys[: s.limit])
+
+
 # Study commands: each prints what it made; failures inside a study are listed, not raised.
 STUDY: dict[str, Callable[[Config], object]] = {
     "fit": _fit, "sweep": _sweep, "evaluate": _evaluate, "analyze": _analyze, "report": _report,
+    "featinv-train": _featinv_train, "reconstruct": _reconstruct,
 }
+
+
+def featinv_import(argv: list[str]) -> int:
+    """`featmap featinv-import CKPT OUT_DIR [--backbone B --layer L --tokenizer DIR]`: convert a
+    FeatInv ControlNet-research-code checkpoint into our diffusers folders."""
+    parser = argparse.ArgumentParser(prog="featmap featinv-import", description=featinv_import.__doc__.split(":")[0])
+    parser.add_argument("checkpoint", help="the reference's .ckpt (or .safetensors)")
+    parser.add_argument("out_dir", help="written: controlnet/ unet/ vae/ text_encoder/ scheduler/ [tokenizer/]")
+    parser.add_argument("--backbone", help="backbone the features come from (recorded, checked when sampling)")
+    parser.add_argument("--layer", help="its layer")
+    parser.add_argument("--tokenizer", help="a CLIP tokenizer folder to copy (e.g. the base model's tokenizer/)")
+    parser.add_argument("--pooled", action="store_true", help="the checkpoint is of the pooled variant")
+    args = parser.parse_args(argv)
+    from featmap_ray.featinv.convert import CheckpointMismatch, import_ldm_checkpoint
+
+    try:
+        out = import_ldm_checkpoint(args.checkpoint, args.out_dir, backbone=args.backbone, layer=args.layer,
+                                    tokenizer_dir=args.tokenizer, pooled=args.pooled)
+    except (CheckpointMismatch, FileNotFoundError, ValueError) as e:
+        print(f"featmap featinv-import: error: {e}", file=sys.stderr)
+        return 1
+    print(f"[featinv-import] diffusers folders in {out}")
+    return 0
 
 
 def run_stage(cfg: Config, name: str) -> list[store.StageSummary]:
@@ -125,11 +167,15 @@ def describe(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["featinv-import"]:  # paths, not a config: its own arguments
+        return featinv_import(argv[1:])
     parser = argparse.ArgumentParser(prog="featmap", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=[*STAGES, "pipeline", *STUDY, "study", "info"],
+    parser.add_argument("command", choices=[*STAGES, "pipeline", *STUDY, "study", "featinv-import", "info"],
                         help="a data stage, `pipeline` (ingest -> manipulate -> extract), a study command "
                              "(fit, sweep, evaluate, analyze, report), `study` (fit -> evaluate -> analyze -> "
-                             "report), or `info` (tables and row counts)")
+                             "report), FeatInv (featinv-train, reconstruct, featinv-import CKPT OUT_DIR), "
+                             "or `info` (tables and row counts)")
     parser.add_argument("--config", "-c", help="YAML config file (conf/demo.yaml is the embedded default)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. extract.batch_size=8")
     args = parser.parse_intermixed_args(argv)

@@ -213,6 +213,9 @@ class FeatInvSampling(_Strict):
     control_scale: float = Field(1.0, ge=0)  # multiplies the 13 ControlNet residuals
     split: str | None = None  # feature maps of this split only; None = every split
     variants: list[str] | None = ["original"]  # None = every variant
+    # A finished run of mapping.study (its key): reconstruct its mapped maps of the split's held-out
+    # pairs (split default "test") instead of stored maps, to compare with the real manipulated image.
+    mapping_run: str | None = None
     limit: int | None = Field(None, ge=1)  # the first N (source_id, variant) keys in sorted order
     batch_size: int = Field(8, ge=1)
     num_actors: int = Field(1, ge=1)

@@ -152,3 +152,12 @@ def test_a_non_finite_loss_stops_training_and_names_the_step(ingested, tmp_path)
         error = error.__cause__
     assert isinstance(error, train.NonFiniteLoss), repr(failure.value)
     assert "at step 2 " in str(error) and "featinv.training.lr" in str(error)
+
+
+def test_run_reraises_the_workers_own_error():
+    from ray.train import WorkerGroupError
+
+    nan = train.NonFiniteLoss("the loss is nan at step 2")
+    assert train.first_worker_error(WorkerGroupError("worker 1 failed", {1: nan})) is nan
+    other = RuntimeError("controller")
+    assert train.first_worker_error(other) is other

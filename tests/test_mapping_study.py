@@ -227,3 +227,26 @@ def test_paper_study_config_expands_to_the_615_runs_of_the_paper():
     assert len(runs) == 615 == len({r.key for r in runs})
     assert sum(r.apply_transform for r in runs) == 2 * 5 * 4 * 5
     assert {r.normalise for r in runs if r.layer == "stage3"} == {False}
+
+
+def test_mapped_features_of_a_run_feed_reconstruction(fitted_study):
+    """The reconstruct job's input for a mapping run: the run's model applied to each held-out original."""
+    import pyarrow as pa
+    import ray
+
+    from featmap_ray import store
+    from featmap_ray.mapping.apply import mapped_features
+    from featmap_ray.mapping.train import finished_runs, load_run
+
+    cfg, _ = fitted_study
+    ridge = next(d for d in finished_runs(cfg) if load_run(d)[1].model == "ridge")
+    ds, keys = mapped_features(cfg, ridge.name, split="test")
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("source_id")
+    assert [tuple(k) for k in zip(table["source_id"].to_pylist(), table["variant"].to_pylist())] == sorted(keys)
+    x, y = mt.read_pairs(cfg.storage, "hue_shift_60", split="test")
+    model = load_run(ridge)[0]
+    expected = model(x.float()).detach().numpy()
+    np.testing.assert_allclose(store.tensor_numpy(table["feature"]), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(expected, y.numpy(), atol=1e-2)  # and it is the true edit
+    with pytest.raises(FileNotFoundError, match="no finished mapping run"):
+        mapped_features(cfg, "nope")

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +28,13 @@ from PIL import Image
 
 from featmap_ray import backbones, imageio, store
 from featmap_ray.config import BackboneRequest, Config
-from featmap_ray.featinv import metrics, model, sample
+from featmap_ray.featinv import metrics
+
+if TYPE_CHECKING:
+    from featmap_ray.featinv.model import BaseComponents, FeatInvComponents
+
+# diffusers (featinv.model, featinv.sample) is imported where it is used: Ray Data task workers
+# that only run this module's light UDFs then start without it.
 
 STAGE = "reconstruct"
 EXTRACTED = "extracted"  # the generator of the maps in the features table
@@ -55,14 +62,18 @@ def featinv_backbone(cfg: Config) -> tuple[BackboneRequest, str]:
     return request, backbones.resolve_layers(spec, [layer])[0]
 
 
-def base_components(name: str) -> model.BaseComponents:
+def base_components(name: str) -> BaseComponents:
     """(vae, text_encoder, tokenizer, unet): random tiny models for "tiny", else Stable Diffusion at `name`."""
+    from featmap_ray.featinv import model
+
     return model.tiny_base_components(seed=0) if name == "tiny" else model.load_base_components(name)
 
 
-def featinv_components(cfg: Config, controlnet_dir: str | None = None) -> model.FeatInvComponents:
+def featinv_components(cfg: Config, controlnet_dir: str | None = None) -> FeatInvComponents:
     """The FeatInv model of the config: the ControlNet in `controlnet_dir` or `featinv.controlnet`,
     else a fresh one made from the base UNet (seeded: every worker and actor builds the same)."""
+    from featmap_ray.featinv import model
+
     fi = cfg.featinv
     request, layer = featinv_backbone(cfg)
     base = base_components(fi.base_model)
@@ -141,13 +152,15 @@ class Reconstructor:
         self.generator, self.schema = generator, store.with_error_columns(schema)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        from featmap_ray.featinv.model import FeatureMismatch
+
         rows, features, good = [], [], []
         for i, seeds in enumerate(batch["seeds"]):
             labels = {k: batch[k][i] for k in LABELS}
             feature = torch.as_tensor(np.asarray(batch["feature"][i], np.float32))[None]
             try:
                 self.components.controlnet.check_features(feature)
-            except model.FeatureMismatch as e:  # one failure row per map, whatever the number of seeds
+            except FeatureMismatch as e:  # one failure row per map, whatever the number of seeds
                 rows.append({**labels, "generator": self.generator, "seed": int(seeds[0]),
                              **store.failure("feature_mismatch", f"{labels['source_id']}/{labels['variant']} "
                                                                  f"({self.generator}): {e}")})
@@ -166,6 +179,8 @@ class Reconstructor:
         return pa.Table.from_pylist(rows, schema=self.schema)
 
     def _reconstruct(self, features: torch.Tensor, rows: list[dict]) -> None:
+        from featmap_ray.featinv import sample
+
         s = self.sampling
         images = sample.reconstruct(self.components, features, [r["seed"] for r in rows], steps=s.steps,
                                     guidance=s.guidance, prompt=s.prompt, negative_prompt=s.negative_prompt,

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +34,10 @@ import torch.nn.functional as F
 
 from featmap_ray import backbones, store
 from featmap_ray.config import Config
-from featmap_ray.featinv import metrics, model, reconstruct, sample
+from featmap_ray.featinv import metrics, reconstruct
+
+if TYPE_CHECKING:
+    from featmap_ray.featinv.model import FeatInvComponents
 
 STAGE = "featinv-train"
 STATE_FILE = "training_state.pt"
@@ -103,7 +107,7 @@ def conditioning(batch: dict[str, torch.Tensor], probe: metrics.BackboneProbe | 
     return pixels, probe.features(pixels).clone()  # a normal tensor: inference tensors cannot enter autograd
 
 
-def diffusion_loss(components: model.FeatInvComponents, controlnet: torch.nn.Module, pixels: torch.Tensor,
+def diffusion_loss(components: FeatInvComponents, controlnet: torch.nn.Module, pixels: torch.Tensor,
                    features: torch.Tensor, text: torch.Tensor, noise_scheduler, dropout: float,
                    generator: torch.Generator) -> torch.Tensor:
     """Noise-prediction MSE of the frozen UNet plus the ControlNet's residuals, with joint conditioning dropout.
@@ -125,9 +129,11 @@ def diffusion_loss(components: model.FeatInvComponents, controlnet: torch.nn.Mod
     return F.mse_loss(pred.float(), noise.float())
 
 
-def sample_grid(components: model.FeatInvComponents, cfg: Config, features: torch.Tensor,
+def sample_grid(components: FeatInvComponents, cfg: Config, features: torch.Tensor,
                 pixels: torch.Tensor) -> np.ndarray:
     """Views (top row) over their reconstructions (bottom row), uint8 HWC."""
+    from featmap_ray.featinv import sample
+
     s = cfg.featinv.sampling
     components.controlnet.eval()
     images = sample.reconstruct(components, features, [s.seed] * len(features), steps=cfg.featinv.training.sample_steps,
@@ -160,7 +166,7 @@ def _mlflow_run(cfg: Config, run_id: str | None, rank: int) -> Iterator[str | No
             yield run_id
 
 
-def _load(cfg: Config) -> tuple[model.FeatInvComponents, dict]:
+def _load(cfg: Config) -> tuple[FeatInvComponents, dict]:
     """The FeatInv model and the training state: from the run's last checkpoint, else new."""
     import ray.train
 
@@ -177,6 +183,8 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from diffusers import DDPMScheduler
+
+    from featmap_ray.featinv import sample
 
     cfg = Config.model_validate(config["cfg"])
     fi, tr = cfg.featinv, cfg.featinv.training
@@ -275,13 +283,10 @@ class TrainSummary:
                 f"  ControlNet: {self.controlnet}\n  checkpoint: {self.checkpoint}")
 
 
-def _first_worker_error(error: Exception) -> Exception:
-    failures = getattr(error, "worker_failures", None) or {}
-    for failure in failures.values():
-        cause = getattr(failure, "cause", None) or failure
-        if isinstance(cause, Exception):
-            return cause
-    return error
+def first_worker_error(error: Exception) -> Exception:
+    """The exception a training worker raised (Ray Train wraps it in a WorkerGroupError), else `error`."""
+    failures = list((getattr(error, "worker_failures", None) or {}).values())
+    return failures[0] if failures else error
 
 
 def run(cfg: Config) -> TrainSummary:
@@ -306,7 +311,7 @@ def run(cfg: Config) -> TrainSummary:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        cause = _first_worker_error(e)  # e.g. NonFiniteLoss or BaseModelNotFound, with its own message
+        cause = first_worker_error(e)  # e.g. NonFiniteLoss or BaseModelNotFound, with its own message
         if cause is e:
             raise
         raise cause from e
@@ -321,10 +326,10 @@ def run(cfg: Config) -> TrainSummary:
 
 
 def _copy_tree(src: str, dst: str) -> None:
-    if "://" in dst:
+    if "://" in dst:  # object storage
         import pyarrow.fs as pafs
 
-        pafs.copy_files(src, dst, destination_filesystem=pafs.FileSystem.from_uri(dst)[0])
+        pafs.copy_files(src, dst)
     else:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)
