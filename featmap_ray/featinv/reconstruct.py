@@ -366,6 +366,7 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *,
     import ray.data
 
     request, layer = featinv_backbone(cfg)
+    backbones.check_weights(backbones.get_spec(request.name), request)  # fail here, not in every actor
     st = store.Store(cfg.storage)
     s = cfg.featinv.sampling
     uri = st.reconstructions_uri(request.name, layer)

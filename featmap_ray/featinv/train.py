@@ -81,10 +81,10 @@ def training_dataset(cfg: Config):
         uri, columns = st.features_uri(request.name, layer), ["source_id", "variant", "feature"]
         udf, kwargs = attach_views, {"storage": cfg.storage, "size": size}
     if st.count(uri, filter=where) == 0:
-        raise FileNotFoundError(f"no training rows in {uri}" + (f" where {where}" if where else "") + ": run "
-                                "`featmap ingest` / `featmap extract` first, or check featinv.training.split / variants")
-    return st.read_ray(uri, columns=columns, filter=where).map_batches(udf, fn_kwargs=kwargs, batch_format="pyarrow",
-                                                                       batch_size=PREPROCESS_BATCH)
+        raise FileNotFoundError(f"no training rows in {uri}" + (f" where {where}" if where else "") + ": run `featmap "
+                                "ingest` / `featmap extract` first, or check featinv.training.split / variants")
+    return st.read_ray(uri, columns=columns, filter=where).map_batches(
+        udf, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=PREPROCESS_BATCH)
 
 
 # -- One training step (plain torch) ----------------------------------------------------------
@@ -296,7 +296,8 @@ def run(cfg: Config) -> TrainSummary:
     from featmap_ray import tracking
 
     tr = cfg.featinv.training
-    reconstruct.featinv_backbone(cfg)  # a bad backbone/layer fails here, not on the workers
+    request, _ = reconstruct.featinv_backbone(cfg)  # a bad backbone, layer or weight file fails here
+    backbones.check_weights(backbones.get_spec(request.name), request)
     dataset = training_dataset(cfg)
     tracking.experiment_id(cfg)  # created once by the driver, not raced by workers
     storage = f"{cfg.storage}/featinv"
