@@ -27,6 +27,18 @@ def tiny_backbone(name: str, **extra) -> dict:
     return {"name": name, "pretrained": False, "model_kwargs": TINY_BACKBONES[name], **extra}
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny models gain nothing from a second OpenMP thread, and on a busy 2-core machine its
+    barrier waits make each forward up to 30x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

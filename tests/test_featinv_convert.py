@@ -29,14 +29,7 @@ RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0
           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny models gain nothing from a second OpenMP thread, and on a busy 2-core machine its
-    # barrier waits make each forward up to 30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _sub(rules: list[tuple[str, str]], key: str) -> str:

@@ -24,14 +24,7 @@ from featmap_ray.featinv.sample import (
 C, H = 8, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny models gain nothing from a second OpenMP thread, and on a busy 2-core machine its
-    # barrier waits make each forward up to 30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -69,8 +69,6 @@ def classifier_request(cfg: Config, backbone: str) -> BackboneRequest:
 
 def _test_tensors(cfg: Config, dataset: str, backbone: str, layer: str, manipulation: str):
     """(x, y, labels) of the held-out pairs, a seeded subset of at most evaluate.max_pairs."""
-    import lance
-
     from featmap_ray.mapping import data
 
     pairs = data.load_pairs(store.Store(cfg.storage), dataset=dataset, backbone=backbone, layer=layer,
@@ -78,9 +76,8 @@ def _test_tensors(cfg: Config, dataset: str, backbone: str, layer: str, manipula
     if len(pairs) == 0:
         raise ValueError(f"no {cfg.evaluate.split} pairs (original + {manipulation!r}) of {dataset!r} in {pairs.uri}")
     pairs = data.sample(pairs, cfg.evaluate.max_pairs, cfg.evaluate.seed)
-    table = lance.dataset(pairs.uri)
-    x = store.tensor_numpy(table.take(pairs.x_offsets, columns=["feature"])["feature"]).astype(np.float32)
-    y = store.tensor_numpy(table.take(pairs.y_offsets, columns=["feature"])["feature"]).astype(np.float32)
+    x = data.read_features(pairs.uri, pairs.x_offsets).astype(np.float32)
+    y = data.read_features(pairs.uri, pairs.y_offsets).astype(np.float32)
     for name, t in (("original", x), ("manipulated", y)):
         if not np.isfinite(t).all():
             raise ValueError(f"non-finite values in the {cfg.evaluate.split} {name} feature maps of {backbone}/{layer}")

@@ -18,12 +18,11 @@ from featmap_ray.config import Config
 
 
 def _map_batch(batch: pa.Table, run_dir: str, manipulation: str, split: str, uri: str) -> pa.Table:
-    import lance
-
+    from featmap_ray.mapping.data import read_features
     from featmap_ray.mapping.train import load_run
 
     model, _, _ = load_run(run_dir)
-    x = store.tensor_numpy(lance.dataset(uri).take(batch["x_offset"].to_numpy(), columns=["feature"])["feature"])
+    x = read_features(uri, batch["x_offset"].to_numpy())
     with torch.no_grad():
         mapped = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
     n = batch.num_rows

@@ -97,13 +97,16 @@ def train_val_split(pairs: Pairs, val_fraction: float, seed: int) -> tuple[Pairs
     return pairs.subset(np.sort(order[n_val:])), pairs.subset(np.sort(order[:n_val]))
 
 
-def _take_pairs(batch: pa.Table, uri: str) -> dict[str, np.ndarray]:
+def read_features(uri: str, offsets: np.ndarray) -> np.ndarray:
+    """The (N, C, H, W) feature maps at these row offsets of a features table, in that order."""
     import lance
 
-    table = lance.dataset(uri)
-    x = store.tensor_numpy(table.take(batch["x_offset"].to_numpy(), columns=["feature"])["feature"])
-    y = store.tensor_numpy(table.take(batch["y_offset"].to_numpy(), columns=["feature"])["feature"])
-    return {"row": batch["row"].to_numpy(), "x": x, "y": y}
+    return store.tensor_numpy(lance.dataset(uri).take(np.asarray(offsets), columns=["feature"])["feature"])
+
+
+def _take_pairs(batch: pa.Table, uri: str) -> dict[str, np.ndarray]:
+    return {"row": batch["row"].to_numpy(), "x": read_features(uri, batch["x_offset"].to_numpy()),
+            "y": read_features(uri, batch["y_offset"].to_numpy())}
 
 
 def ray_dataset(pairs: Pairs, *, materialize_budget: float = 0.25):

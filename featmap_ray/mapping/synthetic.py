@@ -39,9 +39,7 @@ def read_pairs(root: str, manipulation: str, split: str = "train", dataset: str 
 
     st = store.Store(root)
     pairs = data.load_pairs(st, dataset=dataset, backbone=BACKBONE, layer=LAYER, manipulation=manipulation, split=split)
-    table = st.open(pairs.uri)
-    x = store.tensor_numpy(table.take(pairs.x_offsets, columns=["feature"])["feature"])
-    y = store.tensor_numpy(table.take(pairs.y_offsets, columns=["feature"])["feature"])
+    x, y = data.read_features(pairs.uri, pairs.x_offsets), data.read_features(pairs.uri, pairs.y_offsets)
     return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())  # Arrow buffers are read-only
 
 
