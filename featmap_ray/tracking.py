@@ -53,6 +53,16 @@ def stage_run(cfg: Config, stage: str) -> Iterator[object]:
         yield run
 
 
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log a dict of metrics to a run by id (no active run needed: safe from Ray workers and trials)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
 def child_run(cfg: Config, name: str, tags: dict[str, str], *, parent: str | None, params: dict[str, object]):
     """An MLflow run for one mapping run, nested under `parent`; an unfinished run of the same name
     (a crashed attempt) is reused, so a resumed run keeps one MLflow run. Returns (client, run_id)."""
@@ -76,12 +86,7 @@ def child_run(cfg: Config, name: str, tags: dict[str, str], *, parent: str | Non
 
 
 def finish_child_run(client, run_id: str, metrics: dict[str, float], artefacts: Path) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    log_metrics(client, run_id, metrics)
     client.log_artifacts(run_id, str(artefacts), artifact_path="mapping")
     client.set_terminated(run_id, status="FINISHED")
 
@@ -108,14 +113,10 @@ def study_run(cfg: Config, kind: str) -> str:
 
 
 def end_study_run(cfg: Config, run_id: str, metrics: dict[str, float], artefacts: Path | None = None) -> None:
-    import time
-
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
     client = MlflowClient(tracking_uri(cfg))
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    log_metrics(client, run_id, metrics)
     if artefacts is not None:
         client.log_artifacts(run_id, str(artefacts))
     client.set_terminated(run_id, status="FINISHED")

@@ -164,19 +164,15 @@ def run_evaluate(cfg: Config) -> pd.DataFrame:
 
 
 def _log_run_metrics(cfg: Config, frame: pd.DataFrame) -> None:
-    """Each mapping run's held-out metrics on its own MLflow run (eval_ prefix); baselines go in a
-    table on the study's evaluate run."""
-    import time
-
+    """Each mapping run's held-out metrics on its own MLflow run (eval_ prefix); baselines have no
+    MLflow run and live in the evaluations table only."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
     client = MlflowClient(tracking.tracking_uri(cfg))
-    now = int(time.time() * 1000)
     numeric = frame.select_dtypes("number").columns
     for _, row in frame[frame["mlflow_run_id"] != ""].iterrows():
-        client.log_batch(row["mlflow_run_id"], metrics=[Metric(f"eval_{k}", float(row[k]), now, 0)
-                                                        for k in numeric if np.isfinite(row[k])])
+        tracking.log_metrics(client, row["mlflow_run_id"],
+                             {f"eval_{k}": row[k] for k in numeric if np.isfinite(row[k])})
 
 
 # -- linear-map analysis --------------------------------------------------------------------------

@@ -10,7 +10,6 @@ its last Ray Train checkpoint (same run name, same storage path).
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from featmap_ray.config import Config
 from featmap_ray.mapping import study
 from featmap_ray.mapping.train import RUN_FILE, fit_run, run_dir
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +73,16 @@ def max_concurrent(cfg: Config) -> int:
     return max(1, bound)
 
 
+def tune_run_config(cfg: Config, kind: str, **kwargs):
+    """A fresh, time-stamped Tune experiment under <storage>/mapping/tune (resumption is per run,
+    through Ray Train checkpoints, so Tune's own experiment state is never restored)."""
+    from ray import tune
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return tune.RunConfig(name=f"{cfg.mapping.study}-{kind}-{stamp}",
+                          storage_path=str(Path(cfg.storage) / "mapping" / "tune"), verbose=0, **kwargs)
+
+
 def _trial(config: dict[str, Any], cfg_data: dict[str, Any], parent: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -123,14 +131,11 @@ def run_study(cfg: Config) -> StudySummary:
     parent = tracking.study_run(cfg, "fit")
     trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)),
                                      cfg_data=cfg.model_dump(mode="json"), parent=parent)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(
         trainable,
         param_space={"run": tune.grid_search([r.to_dict() for r in todo])},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg)),
-        run_config=tune.RunConfig(name=f"{cfg.mapping.study}-fit-{stamp}",
-                                  storage_path=str(Path(cfg.storage) / "mapping" / "tune"),
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=0),
+        run_config=tune_run_config(cfg, "fit", failure_config=tune.FailureConfig(max_failures=0)),
     )
     grid = tuner.fit()
     for result in grid:

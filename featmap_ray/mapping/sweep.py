@@ -10,7 +10,6 @@ written `loss.<term>` (e.g. loss.mse, loss.median_cos).
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -111,7 +110,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from featmap_ray.mapping.grid import check_tables, max_concurrent, trial_resources
+    from featmap_ray.mapping.grid import check_tables, max_concurrent, trial_resources, tune_run_config
 
     spec = base_spec(cfg)
     space = search_space(cfg, spec)
@@ -120,7 +119,6 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     parent = tracking.study_run(cfg, "sweep")
     trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)),
                                      cfg_data=cfg.model_dump(mode="json"), spec_data=spec.to_dict(), parent=parent)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(
         trainable,
         param_space=space,
@@ -128,8 +126,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
             metric="val_loss", mode="min", num_samples=sw.num_samples, max_concurrent_trials=max_concurrent(cfg),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.mapping.training.max_epochs,
                                     grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)),
-        run_config=tune.RunConfig(name=f"{cfg.mapping.study}-sweep-{stamp}",
-                                  storage_path=str(Path(cfg.storage) / "mapping" / "tune"), verbose=0),
+        run_config=tune_run_config(cfg, "sweep"),
     )
     grid = tuner.fit()
     best = grid.get_best_result(metric="val_loss", mode="min", scope="all")

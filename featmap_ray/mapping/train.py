@@ -200,11 +200,10 @@ def _log_mlflow(config: dict, metrics: dict[str, float], step: int) -> None:
     if not config.get("mlflow_run_id"):
         return
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    MlflowClient(config["tracking_uri"]).log_batch(
-        config["mlflow_run_id"], metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    from featmap_ray.tracking import log_metrics
+
+    log_metrics(MlflowClient(config["tracking_uri"]), config["mlflow_run_id"], metrics, step)
 
 
 def train_loop(config: dict[str, Any]) -> None:
