@@ -113,7 +113,9 @@ def test_untrained_controlnet_leaves_base_unet_unchanged(base):
         controlled = unet(latents, t, text, down_block_additional_residuals=down,
                           mid_block_additional_residual=mid).sample
         plain = unet(latents, t, text).sample
-    assert torch.equal(controlled, plain)
+    # Adding zero residuals is exact, but the two forwards run on differently allocated activations,
+    # and CPU kernels may pick another path for another alignment (~1e-6 differences seen on AMD EPYC).
+    torch.testing.assert_close(controlled, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_controlnet_save_load_round_trip(base, tmp_path):
@@ -125,6 +127,9 @@ def test_controlnet_save_load_round_trip(base, tmp_path):
     loaded = load_featinv(tmp_path / "cn", base)
     cn = loaded.controlnet
     assert type(cn) is FeatInvControlNetModel
+    # What a round trip guarantees: the same weights, bit for bit.
+    saved, reloaded = fi.controlnet.state_dict(), cn.state_dict()
+    assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
     for key, value in dict(feature_channels=8, latent_size=8, encoder_hidden_channels=16, pooled=False,
                            backbone="swinv2_base", layer="stage3", feature_height=12, feature_width=12,
                            conditioning_channels=8, cross_attention_dim=32).items():
@@ -137,8 +142,10 @@ def test_controlnet_save_load_round_trip(base, tmp_path):
         before = fi.controlnet(*args, controlnet_cond=features, return_dict=False)
         after = cn(*args, controlnet_cond=features, return_dict=False)
     assert torch.count_nonzero(before[1]) > 0
+    # Two module objects with identical weights: their outputs agree to float32 rounding, not bitwise
+    # (kernel choice depends on memory layout; ~1e-6 apart on AMD EPYC). Residuals here are O(1).
     for a, b in zip((*before[0], before[1]), (*after[0], after[1])):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_load_featinv_rejects_controlnet_of_another_unet(base, tmp_path):
