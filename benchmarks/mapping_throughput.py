@@ -27,10 +27,10 @@ import torch
 
 from featmap_ray import runtime
 from featmap_ray.config import Config
-from featmap_ray.mapping import grid, synthetic
+from featmap_ray.mapping import fit, synthetic
 from featmap_ray.mapping.losses import build_loss
 from featmap_ray.mapping.models import build_model
-from featmap_ray.mapping.study import RunSpec
+from featmap_ray.mapping.grid import RunSpec
 from featmap_ray.mapping.train import fit_run
 
 LOSS = {"mse": 0.3, "median_cos": 0.7}
@@ -118,7 +118,7 @@ def main() -> None:
                               datasets={"t": {"g": {"manipulations": manipulations, "models": ["linear"]}}},
                               resources={"max_concurrent": limit, "cpus_per_worker": 1})
                 started = time.perf_counter()
-                summary = grid.run_study(gcfg)
+                summary = fit.run_study(gcfg)
                 times[label] = time.perf_counter() - started
                 assert not summary.failed, summary.failed
                 print(f"  grid of {args.grid_runs} runs, {label:22s} {times[label]:7.1f} s "

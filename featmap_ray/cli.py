@@ -44,9 +44,9 @@ PIPELINE = ["ingest", "manipulate", "extract"]
 
 
 def _fit(cfg: Config) -> object:
-    from featmap_ray.mapping import grid
+    from featmap_ray.mapping import fit
 
-    summary = grid.run_study(cfg)
+    summary = fit.run_study(cfg)
     if summary.failed and not summary.fitted and not summary.skipped:
         raise RuntimeError(f"every run of study {cfg.mapping.study} failed")
     return summary

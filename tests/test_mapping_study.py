@@ -47,12 +47,12 @@ def study_config(storage: Path, **mapping) -> Config:
 
 @pytest.fixture(scope="module")
 def fitted_study(tmp_path_factory, ray_session):
-    from featmap_ray.mapping import grid
+    from featmap_ray.mapping import fit
 
     storage = tmp_path_factory.mktemp("study")
     mt.write_tables(str(storage), shape=SHAPE)
     cfg = study_config(storage)
-    summary = grid.run_study(cfg)
+    summary = fit.run_study(cfg)
     return cfg, summary
 
 
@@ -67,7 +67,7 @@ def _mlflow_runs(cfg):
 
 def test_grid_fits_every_run_and_ridge_recovers_the_affine_map(fitted_study):
     from featmap_ray.evaluation.stages import raw_affine
-    from featmap_ray.mapping.train import finished_runs, load_run
+    from featmap_ray.mapping.artefacts import finished_runs, load_run
 
     cfg, summary = fitted_study
     assert summary.failed == {} and len(summary.fitted) == 3
@@ -86,10 +86,10 @@ def test_grid_fits_every_run_and_ridge_recovers_the_affine_map(fitted_study):
 
 
 def test_rerun_skips_finished_runs(fitted_study):
-    from featmap_ray.mapping import grid
+    from featmap_ray.mapping import fit
 
     cfg, _ = fitted_study
-    again = grid.run_study(cfg)
+    again = fit.run_study(cfg)
     assert again.fitted == [] and len(again.skipped) == 3
 
 
@@ -156,7 +156,7 @@ def test_analyze_and_report(fitted_study):
 
 
 def test_bad_requests_fail_before_any_work(tmp_path, ray_session):
-    from featmap_ray.mapping import grid
+    from featmap_ray.mapping import fit
 
     mt.write_tables(str(tmp_path), shape=SHAPE, n_train=4, n_test=2)
     bad = [
@@ -168,14 +168,14 @@ def test_bad_requests_fail_before_any_work(tmp_path, ray_session):
     ]
     for mapping, message in bad:
         with pytest.raises((ValueError, FileNotFoundError), match=message.replace("[", r"\[").replace("]", r"\]")):
-            grid.run_study(study_config(tmp_path, **mapping))
+            fit.run_study(study_config(tmp_path, **mapping))
     assert not (tmp_path / "mapping" / "runs").exists()
 
 
 @pytest.mark.slow
 def test_sweep_keeps_the_best_trial(tmp_path, ray_session):
     from featmap_ray.mapping import sweep
-    from featmap_ray.mapping.train import load_run
+    from featmap_ray.mapping.artefacts import load_run
 
     mt.write_tables(str(tmp_path), shape=SHAPE, n_train=24, n_test=4)
     cfg = study_config(tmp_path, sweep={"model": "mlp", "manipulation": "hue_shift_60", "num_samples": 1,
@@ -219,10 +219,10 @@ def test_killed_fit_resumes_from_its_checkpoint(tmp_path):
 
 def test_paper_study_config_expands_to_the_615_runs_of_the_paper():
     from featmap_ray.config import load_config
-    from featmap_ray.mapping import study
+    from featmap_ray.mapping import grid
 
     cfg = load_config(Path(__file__).parents[1] / "conf" / "paper_study.yaml")
-    runs = study.expand(cfg)
+    runs = grid.expand(cfg)
     # spec §6.1: Cars 7x4 + 5x1 + 5x4 + 5x1 = 58 and CUB 7x4 + 3x4 + 5x4 + 5x1 = 65 per target, 5 targets
     assert len(runs) == 615 == len({r.key for r in runs})
     assert sum(r.apply_transform for r in runs) == 2 * 5 * 4 * 5
@@ -236,7 +236,7 @@ def test_mapped_features_of_a_run_feed_reconstruction(fitted_study):
 
     from featmap_ray import store
     from featmap_ray.mapping.apply import mapped_features
-    from featmap_ray.mapping.train import finished_runs, load_run
+    from featmap_ray.mapping.artefacts import finished_runs, load_run
 
     cfg, _ = fitted_study
     ridge = next(d for d in finished_runs(cfg) if load_run(d)[1].model == "ridge")

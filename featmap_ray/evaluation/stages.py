@@ -95,7 +95,7 @@ def _evaluate_group(cfg: Config, group: tuple[str, str, str, str], run_dirs: lis
     from featmap_ray.evaluation.classifier import ClassifierUnavailable, classifier_tail, probability_metrics
     from featmap_ray.evaluation.feature_metrics import feature_metrics, summarise
     from featmap_ray.mapping.models import build_model, is_geometric
-    from featmap_ray.mapping.train import load_run
+    from featmap_ray.mapping.artefacts import load_run
 
     dataset, backbone, layer, manipulation = group
     x, y, labels = _test_tensors(cfg, dataset, backbone, layer, manipulation)
@@ -137,7 +137,7 @@ def _evaluate_group(cfg: Config, group: tuple[str, str, str, str], run_dirs: lis
 def run_evaluate(cfg: Config) -> pd.DataFrame:
     import ray
 
-    from featmap_ray.mapping.train import finished_runs, load_run
+    from featmap_ray.mapping.artefacts import finished_runs, load_run
 
     groups: dict[tuple[str, str, str, str], list[str]] = defaultdict(list)
     for d in finished_runs(cfg):
@@ -197,7 +197,7 @@ def _analyze_run(cfg: Config, run_dir: str) -> dict[str, list[dict[str, Any]]]:
     from featmap_ray.evaluation.feature_metrics import feature_metrics, summarise
     from featmap_ray.evaluation.linear_analysis import singular_values, svd_metrics, truncate, weight_bias_per_sample
     from featmap_ray.mapping.models import model_input
-    from featmap_ray.mapping.train import load_run
+    from featmap_ray.mapping.artefacts import load_run
 
     model, spec, _ = load_run(run_dir)
     affine = raw_affine(model)
@@ -231,7 +231,7 @@ def _analyze_run(cfg: Config, run_dir: str) -> dict[str, list[dict[str, Any]]]:
 def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
     import ray
 
-    from featmap_ray.mapping.train import finished_runs
+    from featmap_ray.mapping.artefacts import finished_runs
 
     runs = finished_runs(cfg)
     task = ray.remote(_analyze_run).options(num_cpus=1)

@@ -19,7 +19,7 @@ from featmap_ray.config import Config
 
 def _map_batch(batch: pa.Table, run_dir: str, manipulation: str, split: str, uri: str) -> pa.Table:
     from featmap_ray.mapping.data import read_features
-    from featmap_ray.mapping.train import load_run
+    from featmap_ray.mapping.artefacts import load_run
 
     model, _, _ = load_run(run_dir)
     x = read_features(uri, batch["x_offset"].to_numpy())
@@ -35,7 +35,7 @@ def mapped_features(cfg: Config, run_key: str, split: str = "test"):
     import ray.data
 
     from featmap_ray.mapping import data
-    from featmap_ray.mapping.train import RUN_FILE, load_run, runs_root
+    from featmap_ray.mapping.artefacts import RUN_FILE, load_run, runs_root
 
     run_dir = runs_root(cfg) / run_key
     if not (run_dir / RUN_FILE).exists():

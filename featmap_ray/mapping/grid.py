@@ -1,151 +1,150 @@
-"""Run a study's grid: every pending run a Ray Tune trial that fits one TorchTrainer.
+"""A study: the grid of mapping runs one config asks for, each named by what it maps.
 
-Tune is the scheduler of the grid: it runs as many runs at once as the cluster holds (or
-`mapping.resources.max_concurrent`), records each run's failure without stopping the others,
-and streams each run's per-epoch metrics. A run whose folder holds a finished model is skipped,
-so re-running a study after a crash finishes what is missing; an interrupted run resumes from
-its last Ray Train checkpoint (same run name, same storage path).
+A run maps, for one dataset, one manipulation, one backbone and one layer, the original image's
+feature map to the manipulated image's, with one model family and one loss. The grid is
+datasets x groups x (backbone, layer) x manipulations x model families x losses (spec §6.1: 615
+runs for the paper's two datasets and five (backbone, layer) targets). Everything in a run spec is
+checked here, before any work: unknown families, losses, hyper-parameters, layers or tables fail
+with the offending name.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-from dataclasses import dataclass, field
-from pathlib import Path
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from featmap_ray import store, tracking
-from featmap_ray.config import Config
-from featmap_ray.mapping import study
-from featmap_ray.mapping.train import RUN_FILE, fit_run, run_dir
+from featmap_ray.config import Config, MappingGroup
+
+# The paper's groups (spec §2, §6.5) over the manipulations this config's `manipulate` stage makes.
+PAPER_FAMILIES = ["linear", "mlp", "cnn", "transformer"]
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    dataset: str
+    group: str
+    backbone: str
+    layer: str
+    manipulation: str
+    model: str
+    loss_name: str
+    loss: dict[str, float]
+    apply_transform: bool
+    normalise: bool
+    hparams: dict[str, Any] = field(default_factory=dict)
 
-@dataclass
-class StudySummary:
-    study: str
-    runs: int
-    fitted: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
+    @property
+    def key(self) -> str:
+        """Readable and unique: the folder, MLflow run name and Ray Train run name of the run."""
+        parts = [self.dataset, self.group, self.backbone, self.layer, self.manipulation, self.model, self.loss_name]
+        return "--".join(parts)
 
-    def __str__(self) -> str:
-        lines = [f"[fit] study {self.study}: {self.runs} runs; fitted {len(self.fitted)}, skipped as finished "
-                 f"{len(self.skipped)}, failed {len(self.failed)} in {self.seconds:.0f} s"]
-        lines += [f"  FAILED {key}: {msg.splitlines()[0][:300]}" for key, msg in self.failed.items()]
-        return "\n".join(lines)
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"dataset": self.dataset, "group": self.group, "backbone": self.backbone, "layer": self.layer,
+                "manipulation": self.manipulation, "model": self.model, "loss": self.loss_name,
+                "normalised": str(self.normalise), "apply_transform": str(self.apply_transform)}
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-def known_manipulations(st: store.Store) -> set[str]:
-    table = st.open(st.images_uri)
-    if table is None:
-        raise FileNotFoundError(f"no images table at {st.images_uri}: run `featmap ingest` and `manipulate` first")
-    return set(table.to_table(columns=["variant"])["variant"].to_pylist()) - {store.ORIGINAL}
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        return cls(**data)
 
-
-def check_tables(st: store.Store, runs: list[study.RunSpec]) -> None:
-    """Every (backbone, layer) a run needs has a features table: fail before any run starts."""
-    missing = sorted({(r.backbone, r.layer) for r in runs if st.open(st.features_uri(r.backbone, r.layer)) is None})
-    if missing:
-        raise FileNotFoundError(f"no features table for {missing} under {st.root}/features: run `featmap extract` "
-                                "with those backbones and layers first")
-
-
-def trial_resources(cfg: Config) -> dict[str, float]:
-    return {"cpu": 0.5}  # the trial only drives its TorchTrainer, whose workers ask for their own
-
-
-def max_concurrent(cfg: Config) -> int:
-    """Runs at once: what the cluster holds, keeping a CPU free for Ray Data's read tasks (with
-    every CPU held by trial drivers and workers, the data tasks never run)."""
-    import ray
-
-    res = cfg.mapping.resources
-    if res.max_concurrent:
-        return res.max_concurrent
-    total = ray.cluster_resources()
-    per_run_cpu = trial_resources(cfg)["cpu"] + res.num_workers * res.cpus_per_worker
-    bound = int((total.get("CPU", 1) - 1) // per_run_cpu)
-    gpus = res.gpus_per_worker * res.num_workers
-    if gpus:
-        bound = min(bound, int(total.get("GPU", 0) // gpus))
-    return max(1, bound)
+    def digest(self) -> str:
+        """Changes when anything that shapes the trained model changes (hyper-parameters included)."""
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def tune_run_config(cfg: Config, kind: str, **kwargs):
-    """A fresh, time-stamped Tune experiment under <storage>/mapping/tune (resumption is per run,
-    through Ray Train checkpoints, so Tune's own experiment state is never restored)."""
-    from ray import tune
+def default_groups(cfg: Config) -> dict[str, MappingGroup]:
+    """The paper's groups over this config's manipulations: photometric/mask ("direct"), and the
+    geometric ones twice, with the exact spatial transform applied and fully learned."""
+    from featmap_ray.mapping.models import is_geometric
 
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return tune.RunConfig(name=f"{cfg.mapping.study}-{kind}-{stamp}",
-                          storage_path=str(Path(cfg.storage) / "mapping" / "tune"), verbose=0, **kwargs)
-
-
-def _trial(config: dict[str, Any], cfg_data: dict[str, Any], parent: str) -> None:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from featmap_ray import runtime
-
-    runtime.configure_data_context()
-    cfg = Config.model_validate(cfg_data)
-    fit_run(cfg, study.RunSpec.from_dict(config["run"]), mlflow_parent=parent, callbacks=[TuneReportCallback()])
+    names = [m.name for m in cfg.manipulate.manipulations()]
+    geometric = [n for n in names if is_geometric(n)]
+    direct = [n for n in names if not is_geometric(n)]
+    groups = {}
+    if direct:
+        groups["direct"] = MappingGroup(manipulations=direct, models=PAPER_FAMILIES)
+    if geometric:
+        groups["geometric_apply"] = MappingGroup(manipulations=geometric, models=PAPER_FAMILIES, apply_transform=True)
+        groups["geometric_learned"] = MappingGroup(manipulations=geometric, models=["transformer"])
+    return groups
 
 
-def pending_runs(cfg: Config, runs: list[study.RunSpec]) -> tuple[list[study.RunSpec], list[study.RunSpec]]:
-    """(to fit, finished): a run is finished when its folder holds a model of the same spec."""
-    import json
+def targets(cfg: Config) -> list[tuple[str, str, bool]]:
+    """(backbone, layer, normalise) triples, validated against the backbone registry."""
+    from featmap_ray import backbones
 
-    todo, done = [], []
-    for run in runs:
-        info = run_dir(cfg, run) / RUN_FILE
-        same = info.exists() and json.loads(info.read_text()).get("digest") == run.digest()
-        (done if same and not cfg.mapping.refit else todo).append(run)
-    return todo, done
-
-
-def prepare_statistics(cfg: Config, runs: list[study.RunSpec]) -> None:
-    """Normalisation statistics once per (dataset, backbone, layer), before the runs that share them."""
-    from featmap_ray.mapping import data
-
-    st = store.Store(cfg.storage)
-    for dataset, backbone, layer in sorted({(r.dataset, r.backbone, r.layer) for r in runs if r.normalise}):
-        data.cached_channel_stats(st, Path(cfg.storage) / "mapping", dataset=dataset, backbone=backbone, layer=layer)
+    if cfg.mapping.targets:
+        out = []
+        for t in cfg.mapping.targets:
+            spec = backbones.get_spec(t.backbone)
+            out += [(spec.name, layer, t.normalise) for layer in backbones.resolve_layers(spec, t.layers)]
+        return out
+    out = []
+    for request in cfg.extract.backbones:
+        spec = backbones.get_spec(request.name)
+        out += [(spec.name, layer, True) for layer in backbones.resolve_layers(spec, request.layers)]
+    return out
 
 
-def run_study(cfg: Config) -> StudySummary:
-    import time
+def _check_families(models: list[str], hparams: dict[str, dict[str, Any]], where: str) -> None:
+    from featmap_ray.mapping.models import MODELS, model_hparams
 
-    from ray import tune
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"{where}: unknown model family {name!r}; available: {sorted(MODELS)}")
+    for name, given in hparams.items():
+        if name not in MODELS:
+            raise ValueError(f"mapping.model_hparams: unknown model family {name!r}; available: {sorted(MODELS)}")
+        bad = sorted(set(given) - set(model_hparams(name)))
+        if bad:
+            raise ValueError(f"mapping.model_hparams.{name}: unknown hyper-parameter(s) {bad}; "
+                             f"{name} accepts {sorted(model_hparams(name))}")
 
-    st = store.Store(cfg.storage)
-    runs = study.expand(cfg, known_manipulations(st))
-    check_tables(st, runs)
-    todo, done = pending_runs(cfg, runs)
-    summary = StudySummary(cfg.mapping.study, len(runs), skipped=[r.key for r in done])
-    if not todo:
-        return summary
-    started = time.perf_counter()
-    prepare_statistics(cfg, todo)
-    parent = tracking.study_run(cfg, "fit")
-    trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)),
-                                     cfg_data=cfg.model_dump(mode="json"), parent=parent)
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"run": tune.grid_search([r.to_dict() for r in todo])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg)),
-        run_config=tune_run_config(cfg, "fit", failure_config=tune.FailureConfig(max_failures=0)),
-    )
-    grid = tuner.fit()
-    for result in grid:
-        key = study.RunSpec.from_dict(result.config["run"]).key
-        if result.error is not None:
-            # The last line of a Ray task error is the exception that stopped the run.
-            summary.failed[key] = [line for line in str(result.error).splitlines() if line.strip()][-1]
-        else:
-            summary.fitted.append(key)
-    summary.seconds = time.perf_counter() - started
-    tracking.end_study_run(cfg, parent, {"runs": len(runs), "fitted": len(summary.fitted),
-                                         "failed": len(summary.failed), "seconds": summary.seconds})
-    return summary
+
+def expand_losses(cfg: Config) -> dict[str, dict[str, float]]:
+    from featmap_ray.mapping.losses import build_loss
+
+    out = {}
+    for name, spec in cfg.mapping.losses.items():
+        try:
+            build_loss(spec, cfg.mapping.loss_options)  # validates names and options
+        except ValueError as e:
+            raise ValueError(f"mapping.losses.{name}: {e}") from None
+        out[name] = {term: 1.0 for term in spec.split("+")} if isinstance(spec, str) else dict(spec)
+    return out
+
+
+def expand(cfg: Config, known_manipulations: set[str] | None = None) -> list[RunSpec]:
+    """Every run of the study, in a stable order. `known_manipulations` (the variants present in
+    the images table) turns a manipulation that was never made into an error naming it."""
+    losses = expand_losses(cfg)
+    datasets = cfg.mapping.datasets or {cfg.dataset.name: default_groups(cfg)}
+    runs = []
+    for dataset, groups in datasets.items():
+        for group_name, group in groups.items():
+            where = f"mapping.datasets.{dataset}.{group_name}"
+            _check_families(group.models, cfg.mapping.model_hparams, where)
+            if known_manipulations is not None:
+                missing = sorted(set(group.manipulations) - known_manipulations)
+                if missing:
+                    raise ValueError(f"{where}: manipulation(s) {missing} are not in the images table; "
+                                     f"available: {sorted(known_manipulations)}")
+            for backbone, layer, normalise in targets(cfg):
+                for manipulation in group.manipulations:
+                    for model in group.models:
+                        for loss_name, loss in losses.items():
+                            runs.append(RunSpec(dataset, group_name, backbone, layer, manipulation, model, loss_name,
+                                                loss, group.apply_transform, normalise,
+                                                dict(cfg.mapping.model_hparams.get(model, {}))))
+    keys = [r.key for r in runs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"the study names the same run twice: {dupes[:3]}")
+    return runs

@@ -16,7 +16,7 @@ from typing import Any
 
 from featmap_ray import store, tracking
 from featmap_ray.config import Config, MappingTraining
-from featmap_ray.mapping import study
+from featmap_ray.mapping import grid
 from featmap_ray.mapping.train import fit_run, publish
 
 DOMAINS = ("loguniform", "uniform", "choice", "randint", "grid")
@@ -26,14 +26,14 @@ def sweep_root(cfg: Config) -> Path:
     return Path(cfg.storage) / "mapping" / "sweeps" / cfg.mapping.study
 
 
-def base_spec(cfg: Config) -> study.RunSpec:
+def base_spec(cfg: Config) -> grid.RunSpec:
     """The run being tuned: the sweep's family on its (backbone, layer, manipulation) and the first loss."""
     from featmap_ray.mapping.models import MODELS
 
     sw = cfg.mapping.sweep
     if sw.model not in MODELS:
         raise ValueError(f"mapping.sweep.model: unknown model family {sw.model!r}; available: {sorted(MODELS)}")
-    targets = study.targets(cfg)
+    targets = grid.targets(cfg)
     backbone, layer, normalise = targets[0]
     if sw.backbone or sw.layer:
         match = [t for t in targets if t[0] == (sw.backbone or backbone) and t[1] == (sw.layer or layer)]
@@ -41,13 +41,13 @@ def base_spec(cfg: Config) -> study.RunSpec:
             raise ValueError(f"mapping.sweep: ({sw.backbone}, {sw.layer}) is not a mapping target; "
                              f"targets: {[t[:2] for t in targets]}")
         backbone, layer, normalise = match[0]
-    loss_name, loss = next(iter(study.expand_losses(cfg).items()))
-    return study.RunSpec(cfg.dataset.name, "sweep", backbone, layer, sw.manipulation, sw.model, loss_name, loss,
+    loss_name, loss = next(iter(grid.expand_losses(cfg).items()))
+    return grid.RunSpec(cfg.dataset.name, "sweep", backbone, layer, sw.manipulation, sw.model, loss_name, loss,
                          sw.apply_transform, normalise,
                          dict(cfg.mapping.model_hparams.get(sw.model, {})))
 
 
-def search_space(cfg: Config, spec: study.RunSpec) -> dict[str, Any]:
+def search_space(cfg: Config, spec: grid.RunSpec) -> dict[str, Any]:
     from ray import tune
 
     from featmap_ray.mapping.losses import LOSSES
@@ -78,7 +78,7 @@ def search_space(cfg: Config, spec: study.RunSpec) -> dict[str, Any]:
     return space
 
 
-def trial_spec(spec: study.RunSpec, params: dict[str, Any], trial_id: str) -> tuple[study.RunSpec, dict[str, Any]]:
+def trial_spec(spec: grid.RunSpec, params: dict[str, Any], trial_id: str) -> tuple[grid.RunSpec, dict[str, Any]]:
     """The RunSpec of one trial and its training overrides, from the sampled parameters."""
     from featmap_ray.mapping.models import model_hparams
 
@@ -99,7 +99,7 @@ def _trial(params: dict[str, Any], cfg_data: dict[str, Any], spec_data: dict[str
     runtime.configure_data_context()
     cfg = Config.model_validate(cfg_data)
     trial_id = tune.get_context().get_trial_id()
-    spec, training = trial_spec(study.RunSpec.from_dict(spec_data), params, trial_id)
+    spec, training = trial_spec(grid.RunSpec.from_dict(spec_data), params, trial_id)
     fit_run(cfg, spec, training_overrides=training, mlflow_parent=parent, callbacks=[TuneReportCallback()],
             out_dir=sweep_root(cfg) / trial_id, run_name=f"{cfg.mapping.study}--sweep--{trial_id}")
 
@@ -110,7 +110,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from featmap_ray.mapping.grid import check_tables, max_concurrent, trial_resources, tune_run_config
+    from featmap_ray.mapping.fit import check_tables, max_concurrent, trial_resources, tune_run_config
 
     spec = base_spec(cfg)
     space = search_space(cfg, spec)

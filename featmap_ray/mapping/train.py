@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from featmap_ray.config import Config, MappingTraining
-from featmap_ray.mapping.study import RunSpec
+from featmap_ray.mapping.grid import RunSpec
 
 log = logging.getLogger(__name__)
 
