@@ -78,7 +78,7 @@ def reconstructions_schema(metadata: dict[str, Any]) -> pa.Schema:
             pa.field("image", pa.binary()),  # PNG of the reconstruction
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
-            pa.field("cosine", pa.float32()),  # median over positions: source map vs the reconstruction's map
+            pa.field("cos_median_lower", pa.float32()),  # median (torch's lower) over positions: source vs recon map
             pa.field("source_top1", pa.int32()),  # classifier top-1 of the stored source image (null: none)
             pa.field("top1_match", pa.bool_()),  # the reconstruction's top-1 is the source's top-1
             pa.field("top5_match", pa.bool_()),  # the source's top-1 is in the reconstruction's top-5

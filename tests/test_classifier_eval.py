@@ -178,3 +178,66 @@ def test_probability_metrics_reject_bad_input():
         probability_metrics(p, p, p, np.array([0, 1, 2, 6]))
     with pytest.raises(ValueError, match="N = 4"):
         probability_metrics(p, p, p[:3], labels[:3])
+
+
+# ---- evaluation of mapping models on the task's device ----
+
+def test_task_device_is_cuda_only_with_a_ray_gpu_that_torch_can_use(monkeypatch):
+    import ray
+
+    from featmap_ray.evaluation.stages import task_device
+
+    assert task_device() == torch.device("cpu")  # this machine: no GPU
+    for gpu_ids, cuda, want in [([], False, "cpu"), ([0], False, "cpu"), ([], True, "cpu"), (["0"], True, "cuda")]:
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)
+        monkeypatch.setattr(ray, "get_gpu_ids", lambda ids=gpu_ids: ids)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda ok=cuda: ok)
+        assert task_device() == torch.device(want), (gpu_ids, cuda)
+
+
+def _np_feature_summary(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Mean over samples of the per-sample feature metrics, from the definitions: per-position
+    cosine, its median by the upper rule (element ⌊n/2⌋ of the sorted cosines), mean, 5 % quantile; MSE."""
+    p = pred.reshape(*pred.shape[:2], -1)
+    t = target.reshape(*target.shape[:2], -1)
+    cos = np.sort((p * t).sum(1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(t, axis=1)), axis=1)
+    return {"cos_median_upper": cos[:, cos.shape[1] // 2].mean(), "cos_mean": cos.mean(),
+            "cos_q05": np.quantile(cos, 0.05, axis=1).mean(), "mse": ((p - t) ** 2).mean(), "n_samples": len(p)}
+
+
+class Flip(torch.nn.Module):
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flip(-1)
+
+
+def test_score_models_batch_by_batch_matches_the_definitions():
+    from featmap_ray.evaluation.stages import score_models, task_device
+
+    spec, model = _model("convnext_base")
+    tail = classifier_tail(model, spec, "stage2")  # 32 × 18 × 18: an even number of positions
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 32, 18, 18, generator=gen)
+    y = x.flip(-1) + 0.5 * torch.randn(5, 32, 18, 18, generator=gen)
+    labels = torch.randint(0, 10, (5,), generator=gen).numpy()
+    conv = torch.nn.Conv2d(32, 32, 1)
+    models = [({"model": "identity"}, torch.nn.Identity()), ({"model": "conv"}, conv),
+              ({"model": "flip"}, Flip())]
+    rows = score_models(models, x, y, labels, tail, batch_size=2, device=task_device())  # 5 pairs: batches 2, 2, 1
+
+    with torch.no_grad():
+        mapped = {"identity": x, "conv": conv(x), "flip": x.flip(-1)}
+        p = {name: _softmax(tail(t).double().numpy()) for name, t in {"x": x, "y": y, **mapped}.items()}
+    assert [r["model"] for r in rows] == ["identity", "conv", "flip"]
+    for row in rows:
+        name = row["model"]
+        want = {**_np_feature_summary(mapped[name].double().numpy(), y.double().numpy()),
+                **reference_metrics(p["x"], p["y"], p[name], labels)}
+        assert set(row) == {"model", *want}
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
+    assert rows[2]["cos_median_upper"] > rows[0]["cos_median_upper"]  # the flip is the better map
+    assert next(conv.parameters()).device.type == "cpu"
+
+    no_tail = score_models(models[:1], x, y, labels, None, batch_size=3)
+    assert set(no_tail[0]) == {"model", "cos_median_upper", "cos_mean", "cos_q05", "mse", "n_samples"}
+    assert no_tail[0]["cos_median_upper"] == pytest.approx(rows[0]["cos_median_upper"], rel=1e-9)

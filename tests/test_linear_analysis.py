@@ -10,6 +10,7 @@ from featmap_ray.evaluation.linear_analysis import (
     singular_values,
     svd_metrics,
     truncate,
+    truncated_affine,
     weight_bias_metrics,
     weight_bias_per_sample,
 )
@@ -58,9 +59,36 @@ def test_chosen_spectrum_gives_the_closed_form_numbers():
     assert m["near_one_pct"] == pytest.approx(60.0)
 
 
-def test_rank_threshold_is_absolute():
-    assert svd_metrics(1e-9 * np.eye(3))["rank"] == 0
-    assert svd_metrics(1e-7 * np.eye(3))["rank"] == 3
+def test_rank_threshold_is_relative_to_the_largest_singular_value():
+    assert svd_metrics(1e-9 * np.eye(3))["rank"] == 3  # scale does not matter
+    assert svd_metrics(1e9 * np.eye(3))["rank"] == 3
+    # s_1 · max(m, n) · eps: 1 · 3 · 2.2e-16 for float64, 1 · 3 · 1.2e-7 for float32
+    W = with_spectrum([1.0, 1e-4, 1e-10])
+    assert svd_metrics(W)["rank"] == 3
+    assert svd_metrics(W, weights_dtype=np.float32)["rank"] == 2
+    # 2 × 2: the float32 tolerance is 2 · 1.19e-7 = 2.4e-7
+    assert svd_metrics(with_spectrum([1.0, 2e-7]), weights_dtype=np.float32)["rank"] == 1
+    assert svd_metrics(with_spectrum([1.0, 3e-7]), weights_dtype=np.float32)["rank"] == 2
+
+
+def planted_rank8() -> np.ndarray:
+    """A 128×128 map of rank 8 with singular values 8, 7, ..., 1 (float64)."""
+    return orthogonal(128, 1)[:, :8] * np.arange(8.0, 0.0, -1.0) @ orthogonal(128, 2)[:, :8].T
+
+
+def test_planted_rank8_map_stored_in_float32_has_rank_8():
+    w32 = planted_rank8().astype(np.float32)
+    noise = singular_values(w32)[8]
+    assert 1e-8 < noise < 1e-5  # float32 rounding: an absolute 1e-8 cut-off would count it
+    assert svd_metrics(w32)["rank"] == 8  # the dtype of the given weights
+    # analysed in float64 (as raw_affine does), with the dtype the weights were stored in
+    assert svd_metrics(w32.astype(np.float64), weights_dtype=np.float32)["rank"] == 8
+    assert svd_metrics(w32.astype(np.float64))["rank"] > 8  # without it, the noise counts
+
+
+def test_planted_rank8_map_in_float64_has_rank_8():
+    assert svd_metrics(planted_rank8())["rank"] == 8
+    assert svd_metrics(planted_rank8(), weights_dtype=np.float64)["rank"] == 8
 
 
 @pytest.mark.parametrize("shape", [(6, 6), (7, 5)])
@@ -79,6 +107,57 @@ def test_truncate_is_the_best_rank_k_approximation(shape):
     assert truncate(W.astype(np.float32), 2).dtype == np.float32
     with pytest.raises(ValueError, match=f"k: expected 0 <= k <= {min(shape)}"):
         truncate(W, min(shape) + 1)
+
+
+def least_squares_fit(n_out: int, n_in: int, seed: int):
+    """(W, b, x_mean, y_mean, X, Y): an ordinary least-squares fit with intercept of noisy affine
+    data whose inputs are not centred."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(400, n_in)) * rng.uniform(0.5, 2.0, n_in) + rng.normal(size=n_in) * 3
+    Y = X @ rng.normal(size=(n_out, n_in)).T + rng.normal(size=n_out) * 5 + 0.3 * rng.normal(size=(400, n_out))
+    coef, *_ = np.linalg.lstsq(np.hstack([X, np.ones((len(X), 1))]), Y, rcond=None)
+    return coef[:-1].T, coef[-1], X.mean(axis=0), Y.mean(axis=0), X, Y
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (4, 7)])
+def test_truncated_affine_at_rank_zero_predicts_the_mean_target(shape):
+    W, b, x_mean, y_mean, X, _ = least_squares_fit(*shape, seed=6)
+    Wk, bk = truncated_affine(W, 0, x_mean, y_mean)
+    assert Wk.shape == W.shape and bk.shape == (shape[0],)
+    inputs = np.vstack([X[:5], 100 * np.random.default_rng(7).normal(size=(5, shape[1]))])
+    for x in inputs:
+        np.testing.assert_allclose(Wk @ x + bk, y_mean, rtol=1e-15, atol=0)
+    assert not np.allclose(b, y_mean)  # keeping the full map's bias would predict b instead
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (4, 7)])
+def test_truncated_affine_at_full_rank_gives_back_a_least_squares_fit(shape):
+    W, b, x_mean, y_mean, X, Y = least_squares_fit(*shape, seed=8)
+    np.testing.assert_allclose(b, y_mean - W @ x_mean, atol=1e-9)  # the premise: an LS fit
+    Wk, bk = truncated_affine(W, min(shape), x_mean, y_mean)
+    np.testing.assert_allclose(Wk, W, atol=1e-12)
+    np.testing.assert_allclose(bk, b, atol=1e-9)
+    for k in range(1, min(shape)):
+        # for every k the intercept is the best one for W_k: the training residuals have mean zero
+        Wk, bk = truncated_affine(W, k, x_mean, y_mean)
+        np.testing.assert_allclose((Y - X @ Wk.T - bk).mean(axis=0), 0, atol=1e-9)
+        np.testing.assert_allclose(Wk, truncate(W, k), atol=0)
+
+
+def test_truncated_affine_rejects_means_of_the_wrong_length():
+    with pytest.raises(ValueError, match=r"x_mean, y_mean: expected shapes \(3,\) and \(4,\)"):
+        truncated_affine(np.ones((4, 3)), 1, np.zeros(4), np.zeros(4))
+    with pytest.raises(ValueError, match="NaN"):
+        truncated_affine(np.ones((4, 3)), 1, np.zeros(3), np.full(4, np.nan))
+
+
+def test_runs_without_training_means_must_be_refitted():
+    from featmap_ray.evaluation.stages import train_means
+
+    with pytest.raises(ValueError, match=r"mapping run t--affine--x .*no train_means.*re-fit it"):
+        train_means({"spec": {}}, "t--affine--x (/runs/x)")
+    x, y = train_means({"train_means": {"x": [1, 2], "y": [3.5, 4, 5]}}, "r")
+    assert x.tolist() == [1.0, 2.0] and y.tolist() == [3.5, 4.0, 5.0] and x.dtype == np.float64
 
 
 def test_svd_rejects_bad_matrices():

@@ -29,19 +29,19 @@ def evals() -> pd.DataFrame:
             ["convnext_base"], ["stage2", "stage3"], ["linear", "mlp", "cnn"], ["rotation_90", "mask tl/sq"], [0, 1]):
         if (layer, model, manipulation) != ("stage3", "cnn", "rotation_90"):
             rows.append({"backbone": backbone, "layer": layer, "model": model, "manipulation": manipulation,
-                         "sample": sample, "cos_median": rng.uniform(0.2, 1.0)})
+                         "sample": sample, "cos_median_upper": rng.uniform(0.2, 1.0)})
     return pd.DataFrame(rows)
 
 
 def test_family_tables_average_the_rows_of_each_cell(evals):
     no_values = {"backbone": "dinov3_vitb16", "layer": "final", "model": "linear", "manipulation": "rotation_90",
-                 "sample": 0, "cos_median": np.nan}  # e.g. a metric this backbone cannot have
-    tables = report.family_tables(pd.concat([evals, pd.DataFrame([no_values])]), "cos_median")
+                 "sample": 0, "cos_median_upper": np.nan}  # e.g. a metric this backbone cannot have
+    tables = report.family_tables(pd.concat([evals, pd.DataFrame([no_values])]), "cos_median_upper")
     assert set(tables) == {("convnext_base", "stage2"), ("convnext_base", "stage3")}
     table = tables[("convnext_base", "stage3")]
     for model, manipulation in itertools.product(["linear", "mlp", "cnn"], ["rotation_90", "mask tl/sq"]):
         cell = evals[(evals.layer == "stage3") & (evals.model == model) & (evals.manipulation == manipulation)]
-        want = cell["cos_median"].mean() if len(cell) else np.nan
+        want = cell["cos_median_upper"].mean() if len(cell) else np.nan
         np.testing.assert_allclose(table.loc[model, manipulation], want, err_msg=f"{model} {manipulation}")
 
 
@@ -56,9 +56,9 @@ def test_heatmap_annotations_are_the_cell_values():
 
 
 def test_family_heatmaps_write_one_png_per_backbone_layer(evals, tmp_path):
-    paths = report.family_heatmaps(evals, "cos_median", tmp_path)
-    assert [p.name for p in paths] == ["heatmap_cos_median_convnext_base_stage2.png",
-                                       "heatmap_cos_median_convnext_base_stage3.png"]
+    paths = report.family_heatmaps(evals, "cos_median_upper", tmp_path)
+    assert [p.name for p in paths] == ["heatmap_cos_median_upper_convnext_base_stage2.png",
+                                       "heatmap_cos_median_upper_convnext_base_stage3.png"]
     for path in paths:
         assert_png(path)
 
@@ -75,7 +75,7 @@ def test_spectra_weight_bias_and_truncation_plots(tmp_path):
                         for v in np.random.default_rng(0).uniform(0, 1, 20)])
     trunc = pd.DataFrame([{"backbone": "swinv2_base", "layer": "stage3", "manipulation": m, "k": k, "metric": metric,
                            "value": 1 - 1 / k}
-                          for m in manipulations for k in (1, 2, 4, 8) for metric in ("cos_median", "mse")])
+                          for m in manipulations for k in (1, 2, 4, 8) for metric in ("cos_median_upper", "mse")])
     paths = (report.spectra_plot(spectra, tmp_path) + report.weight_bias_plot(wxb, tmp_path)
              + report.truncation_plot(trunc, tmp_path))
     assert [p.name for p in paths] == ["spectra_swinv2_base_stage3.png", "weight_bias_swinv2_base_stage2.png",
@@ -85,9 +85,9 @@ def test_spectra_weight_bias_and_truncation_plots(tmp_path):
 
 
 def test_empty_or_incomplete_tables_are_rejected(tmp_path):
-    columns = ["backbone", "layer", "model", "manipulation", "cos_median"]
+    columns = ["backbone", "layer", "model", "manipulation", "cos_median_upper"]
     with pytest.raises(ValueError, match="evals: the table is empty"):
-        report.family_heatmaps(pd.DataFrame(columns=columns), "cos_median", tmp_path)
+        report.family_heatmaps(pd.DataFrame(columns=columns), "cos_median_upper", tmp_path)
     with pytest.raises(ValueError, match=r"evals: missing column\(s\) \['agree_top1_orig_mapped'\]"):
         report.family_heatmaps(pd.DataFrame([[1, 2, 3, 4, 5]], columns=columns), "agree_top1_orig_mapped", tmp_path)
     with pytest.raises(ValueError, match="singular_values: the table is empty"):
@@ -105,15 +105,16 @@ def test_markdown_table_and_summary(tmp_path, evals):
     df = pd.DataFrame({"model": ["linear", "mlp|x"], "layer": ["stage3", "stage3"], "cos": [0.912345, np.nan], "n": [3, 4]})
     assert report.markdown_table(df, columns=["cos", "n"], index="model") == (
         "| model | cos | n |\n|---|---|---|\n| linear | 0.9123 | 3 |\n| mlp\\|x |  | 4 |\n")
-    pivot = report.family_tables(evals, "cos_median")[("convnext_base", "stage3")]
+    pivot = report.family_tables(evals, "cos_median_upper")[("convnext_base", "stage3")]
     lines = report.markdown_table(pivot).splitlines()
     assert lines[0] == "| model | mask tl/sq | rotation_90 |"
     assert lines[2].startswith("| cnn | ") and lines[2].endswith(" |  |")  # missing combination: empty cell
 
-    figure = report.family_heatmaps(evals, "cos_median", tmp_path / "plots")[0]
+    figure = report.family_heatmaps(evals, "cos_median_upper", tmp_path / "plots")[0]
     out = report.write_summary({"cos median / stage3": pivot}, tmp_path / "report.md", figures={"heatmaps": [figure]})
     text = out.read_text()
     assert "## cos median / stage3" in text and lines[2] in text
-    assert "![heatmap_cos_median_convnext_base_stage2](plots/heatmap_cos_median_convnext_base_stage2.png)" in text
+    name = "heatmap_cos_median_upper_convnext_base_stage2"
+    assert f"![{name}](plots/{name}.png)" in text
     csv = pd.read_csv(tmp_path / "cos_median_stage3.csv", index_col="model")
     np.testing.assert_allclose(csv.to_numpy(), pivot.to_numpy())

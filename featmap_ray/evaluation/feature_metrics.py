@@ -1,7 +1,9 @@
 """Feature-space metrics of a mapped feature map against the true target feature map.
 
 The cosine is taken per spatial position ("superpixel": the C-vector at one of the H·W
-positions), as in the FeatMap loss and evaluation, then summarised per sample.
+positions) with `featmap_ray.cosine.position_cosine`, the definition of the FeatMap loss, then
+summarised per sample. The median follows the rule of the loss and of the training's validation
+metric ("upper"), so the three are comparable; the column name says so.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-EPS = 1e-8
+from featmap_ray.cosine import median_of_positions, position_cosine
 
 
 def _check(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -21,21 +23,14 @@ def _check(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def position_cosine(pred: torch.Tensor, target: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Cosine between pred and target at every position: [B, C, H, W] x 2 -> [B, H*W].
-    Each norm is clamped to eps (as torch.nn.functional.cosine_similarity), so a zero vector
-    gets cosine 0."""
-    pred, target = pred.flatten(2), target.flatten(2)
-    dot = (pred * target).sum(1)
-    return dot / (pred.norm(dim=1).clamp_min(eps) * target.norm(dim=1).clamp_min(eps))
-
-
 def feature_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-sample metrics of pred vs target ([B, C, H, W] each), as float64 arrays of length B:
 
-    - cos_median: median over the H·W positions of the per-position cosine. numpy's median: the
-      mean of the two middle values when H·W is even (the reference's torch.median takes the
-      lower one, the training loss the upper one; all agree for odd H·W such as 9x9);
+    - cos_median_upper: median over the H·W positions of the per-position cosine (as the loss:
+      each vector divided by max(‖v‖, 1e-8), the cosine clamped to ±(1 − 1e-8)), rule "upper":
+      element ⌊H·W/2⌋ of the ascending cosines, the upper middle value when H·W is even (as the
+      training loss `median_cos` and the validation metric; FeatInv's torch.median takes the
+      lower one, numpy the mean of the two; all agree for odd H·W such as 9x9);
     - cos_mean: mean over positions;
     - cos_q05: 5 % quantile over positions (numpy's default linear interpolation);
     - mse: mean squared error over C, H and W.
@@ -46,10 +41,12 @@ def feature_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, np.nd
     if pred.shape != target.shape:
         raise ValueError(f"pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}; expected equal")
     pred, target = pred.double(), target.double()
-    cos = position_cosine(pred, target).cpu().numpy()
+    cos = position_cosine(pred, target)
+    median = median_of_positions(cos, "upper").cpu().numpy()
+    cos = cos.cpu().numpy()
     mse = (pred - target).pow(2).flatten(1).mean(1).cpu().numpy()
     return {
-        "cos_median": np.median(cos, axis=1),
+        "cos_median_upper": median,
         "cos_mean": cos.mean(axis=1),
         "cos_q05": np.quantile(cos, 0.05, axis=1),
         "mse": mse,

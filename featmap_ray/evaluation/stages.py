@@ -7,7 +7,8 @@ evaluate  every finished mapping run of a study, and the identity and spatial-on
           are loaded once for all the models that share them.
 analyze   every shared affine map (linear, ridge, Procrustes): weight-vs-bias measures on held-out
           originals, SVD measures and singular values, and rank-k truncations of W evaluated like
-          the full map (does the edit live in the leading singular components?).
+          the full map (does the edit live in the leading singular components?), each with its own
+          intercept b_k = ȳ − W_k x̄ from the run's training means (k = 0 predicts ȳ).
 report    tables and PNG plots from both, in <storage>/reports/<study>/ and in MLflow.
 
 Results are Lance tables under <storage>/results/<study>/, replaced as a whole by each run of a
@@ -84,23 +85,67 @@ def _test_tensors(cfg: Config, dataset: str, backbone: str, layer: str, manipula
     return torch.from_numpy(x), torch.from_numpy(y), pairs.class_idx
 
 
-def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def task_device() -> torch.device:
+    """Where a Ray task computes: cuda when Ray gave it a GPU (`ray.get_gpu_ids()` non-empty; Ray
+    sets CUDA_VISIBLE_DEVICES to it, so "cuda" is that GPU) and torch can use it, else cpu."""
+    import ray
+
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    return torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
+
+
+def score_models(models: list[tuple[dict[str, Any], torch.nn.Module]], x: torch.Tensor, y: torch.Tensor,
+                 labels, tail: torch.nn.Module | None, batch_size: int,
+                 device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """One row per (meta, model): meta, the feature metrics of model(x) against y (mean over
+    pairs) and, with a classifier `tail`, the probability metrics of the original, edited and
+    mapped maps. Models and tail are moved to `device`, the (CPU) pairs one batch at a time;
+    results come back to the CPU, and each model leaves the device when it is done."""
+    from featmap_ray.evaluation.classifier import probability_metrics
+    from featmap_ray.evaluation.feature_metrics import feature_metrics, summarise
+
+    def batches():
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+
+    def probs(t: torch.Tensor) -> torch.Tensor:
+        return tail(t).softmax(-1).cpu()
+
+    rows = []
     with torch.no_grad():
-        return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        if tail is not None:
+            tail.to(device)
+            p_orig, p_edit = zip(*((probs(xb), probs(yb)) for xb, yb in batches()), strict=True)
+            p_orig, p_edit = torch.cat(p_orig).numpy(), torch.cat(p_edit).numpy()
+        for meta, model in models:
+            model.to(device)
+            per_sample, p_mapped = defaultdict(list), []
+            for xb, yb in batches():
+                mapped = model(xb)
+                for name, values in feature_metrics(mapped, yb).items():
+                    per_sample[name].append(values)
+                if tail is not None:
+                    p_mapped.append(probs(mapped))
+            model.to("cpu")
+            row = {**meta, **summarise({name: np.concatenate(v) for name, v in per_sample.items()})}
+            if tail is not None:
+                row.update(probability_metrics(p_orig, p_edit, torch.cat(p_mapped).numpy(), labels))
+            rows.append(row)
+    return rows
 
 
 def _evaluate_group(cfg: Config, group: tuple[str, str, str, str], run_dirs: list[str]) -> list[dict[str, Any]]:
-    """Every model of one (dataset, backbone, layer, manipulation) on the same held-out pairs."""
+    """Every model of one (dataset, backbone, layer, manipulation) on the same held-out pairs, on
+    the GPU when the task was given one."""
     from featmap_ray import backbones
-    from featmap_ray.evaluation.classifier import ClassifierUnavailable, classifier_tail, probability_metrics
-    from featmap_ray.evaluation.feature_metrics import feature_metrics, summarise
-    from featmap_ray.mapping.models import build_model, is_geometric
+    from featmap_ray.evaluation.classifier import ClassifierUnavailable, classifier_tail
     from featmap_ray.mapping.artefacts import load_run
+    from featmap_ray.mapping.models import build_model, is_geometric
 
     dataset, backbone, layer, manipulation = group
+    device = task_device()
     x, y, labels = _test_tensors(cfg, dataset, backbone, layer, manipulation)
-    bs = cfg.evaluate.batch_size
-    models: list[tuple[dict[str, str], torch.nn.Module]] = []
+    models: list[tuple[dict[str, Any], torch.nn.Module]] = []
     for d in run_dirs:
         model, spec, info = load_run(d)
         models.append(({"run": spec.key, "group": spec.group, "model": spec.model, "loss": spec.loss_name,
@@ -114,24 +159,14 @@ def _evaluate_group(cfg: Config, group: tuple[str, str, str, str], run_dirs: lis
                        build_model(name, c, h, w, manipulation=manipulation).eval()))
 
     spec = backbones.get_spec(backbone)
-    request = classifier_request(cfg, backbone)
     try:
-        tail = classifier_tail(backbones.build_model(spec, request), spec, layer)
-        probs = lambda t: _batched(lambda b: tail(b).softmax(-1), t, bs).numpy()  # noqa: E731
-        p_orig, p_edit = probs(x), probs(y)
+        tail = classifier_tail(backbones.build_model(spec, classifier_request(cfg, backbone), device), spec, layer)
     except ClassifierUnavailable as e:
         log.warning("%s/%s: no classifier agreement: %s", backbone, layer, e)
         tail = None
-
-    rows = []
-    for meta, model in models:
-        mapped = _batched(model, x, bs)
-        row = {"dataset": dataset, "backbone": backbone, "layer": layer, "manipulation": manipulation, **meta,
-               **summarise(feature_metrics(mapped, y))}
-        if tail is not None:
-            row.update(probability_metrics(p_orig, p_edit, probs(mapped), labels))
-        rows.append(row)
-    return rows
+    rows = score_models(models, x, y, labels, tail, cfg.evaluate.batch_size, device)
+    return [{"dataset": dataset, "backbone": backbone, "layer": layer, "manipulation": manipulation, **row}
+            for row in rows]
 
 
 def run_evaluate(cfg: Config) -> pd.DataFrame:
@@ -193,17 +228,36 @@ def raw_affine(model) -> tuple[np.ndarray, np.ndarray] | None:
     return w, b
 
 
+def train_means(info: dict[str, Any], run: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x̄, ȳ): the per-channel means of a run's training inputs and targets in raw feature space,
+    from its run.json (`info["train_means"]`)."""
+    means = info.get("train_means")
+    if not isinstance(means, dict) or not {"x", "y"} <= means.keys():
+        raise ValueError(f"mapping run {run}: its run.json has no train_means (the per-channel means of the "
+                         "training inputs and targets, which the rank-k truncations' intercept b_k = ȳ − W_k x̄ "
+                         "needs); it was fitted by an older version: re-fit it (`featmap fit`)")
+    return np.asarray(means["x"], dtype=np.float64), np.asarray(means["y"], dtype=np.float64)
+
+
 def _analyze_run(cfg: Config, run_dir: str) -> dict[str, list[dict[str, Any]]]:
     from featmap_ray.evaluation.feature_metrics import feature_metrics, summarise
-    from featmap_ray.evaluation.linear_analysis import singular_values, svd_metrics, truncate, weight_bias_per_sample
-    from featmap_ray.mapping.models import model_input
+    from featmap_ray.evaluation.linear_analysis import (
+        singular_values,
+        svd_metrics,
+        truncated_affine,
+        weight_bias_per_sample,
+    )
     from featmap_ray.mapping.artefacts import load_run
+    from featmap_ray.mapping.models import linear_weights, model_input
 
-    model, spec, _ = load_run(run_dir)
+    model, spec, info = load_run(run_dir)
     affine = raw_affine(model)
     if affine is None:
         return {}
+    x_mean, y_mean = train_means(info, f"{spec.key} ({run_dir})")
     w, b = affine
+    # The precision the weights were stored in (raw_affine works in float64): the rank tolerance.
+    weights_dtype = linear_weights(model.inner)[0].numpy().dtype
     base = {"run": spec.key, "dataset": spec.dataset, "group": spec.group, "backbone": spec.backbone,
             "layer": spec.layer, "manipulation": spec.manipulation, "model": spec.model}
     x, y, _ = _test_tensors(cfg, spec.dataset, spec.backbone, spec.layer, spec.manipulation)
@@ -219,11 +273,11 @@ def _analyze_run(cfg: Config, run_dir: str) -> dict[str, list[dict[str, Any]]]:
     ranks = sorted({k for k in cfg.evaluate.truncation_ranks if k < len(s)} | {len(s)})
     truncation = []
     for k in ranks:
-        wk = truncate(w, k)
-        mapped = torch.from_numpy(np.einsum("oc,nchw->nohw", wk, seen) + b[None, :, None, None]).float()
+        wk, bk = truncated_affine(w, k, x_mean, y_mean)
+        mapped = torch.from_numpy(np.einsum("oc,nchw->nohw", wk, seen) + bk[None, :, None, None]).float()
         truncation += [{**base, "k": k, "metric": m, "value": v} for m, v in summarise(feature_metrics(mapped, y)).items()
                        if m != "n_samples"]
-    return {"svd": [{**base, **svd_metrics(w)}],
+    return {"svd": [{**base, **svd_metrics(w, weights_dtype=weights_dtype)}],
             "singular_values": [{**base, "index": i + 1, "value": float(v)} for i, v in enumerate(s)],
             "weight_bias": wxb_rows, "truncation": truncation}
 
@@ -269,8 +323,9 @@ def run_report(cfg: Config) -> Path:
     out = reports_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     evals = read_results(cfg, "evaluations")
-    figures = {"Median cosine to the true edited features": report.family_heatmaps(evals, "cos_median", out)}
-    tables = {f"cos_median {b}/{l}": t for (b, l), t in report.family_tables(evals, "cos_median").items()}
+    cosine = "cos_median_upper"  # the evaluation's median rule, that of the loss (feature_metrics)
+    figures = {"Median cosine (upper) to the true edited features": report.family_heatmaps(evals, cosine, out)}
+    tables = {f"{cosine} {b}/{l}": t for (b, l), t in report.family_tables(evals, cosine).items()}
     if "agree_top1_orig_mapped" in evals and evals["agree_top1_orig_mapped"].notna().any():
         figures["Top-1 agreement with the original's prediction"] = report.family_heatmaps(
             evals, "agree_top1_orig_mapped", out)

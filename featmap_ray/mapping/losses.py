@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featmap_ray import cosine
+
 LossFn = Callable[..., Tensor]
 LOSSES: dict[str, LossFn] = {}
 PAPER_LOSS = {"mse": 0.3, "median_cos": 0.7}
-COS_EPS = 1e-8
+COS_EPS = cosine.EPS
 # Runtime arguments a loss may accept that are not config options.
 _RUNTIME_ARGS = ("generator",)
 
@@ -51,18 +53,6 @@ def _check_pair(pred: Tensor, target: Tensor) -> None:
                          f"got {tuple(pred.shape)} and {tuple(target.shape)}")
 
 
-def position_cosine(pred: Tensor, target: Tensor) -> Tensor:
-    """Cosine between the C-vectors of pred and target at every position: (B, H·W).
-
-    Vectors are L2-normalised with eps 1e-8 and the result clamped to [−1+1e-8, 1−1e-8]
-    (the reference's definition; in float32 the upper clamp rounds to 1).
-    """
-    _check_pair(pred, target)
-    p = F.normalize(pred.flatten(2), dim=1, eps=COS_EPS)
-    t = F.normalize(target.flatten(2), dim=1, eps=COS_EPS)
-    return (p * t).sum(1).clamp(-1 + COS_EPS, 1 - COS_EPS)
-
-
 @register_loss("mse")
 def mse(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error over all B·C·H·W elements."""
@@ -79,26 +69,18 @@ def huber(pred: Tensor, target: Tensor, delta: float = 1.0) -> Tensor:
     return F.smooth_l1_loss(pred, target, beta=delta)
 
 
-def median_cosine(pred: Tensor, target: Tensor) -> Tensor:
-    """Per image (B,): element ⌊H·W/2⌋ of the ascending per-position cosines.
-
-    For even H·W that is the upper of the two middle values (the reference's rule; note
-    `Tensor.median` returns the lower one), for odd H·W the exact median.
-    """
-    cos = position_cosine(pred, target)
-    return torch.kthvalue(cos, cos.shape[1] // 2 + 1, dim=1).values  # k is 1-based
-
-
 @register_loss("median_cos")
 def median_cos(pred: Tensor, target: Tensor) -> Tensor:
-    """1 − batch mean of `median_cosine`; the gradient flows through one position per image."""
-    return 1 - median_cosine(pred, target).mean()
+    """1 − batch mean of the per-image median cosine, rule "upper" (element ⌊H·W/2⌋ of the
+    ascending per-position cosines, as the reference); the gradient flows through one position
+    per image."""
+    return 1 - cosine.median_cosine(pred, target, "upper").mean()
 
 
 @register_loss("mean_cos")
 def mean_cos(pred: Tensor, target: Tensor) -> Tensor:
     """1 − mean of the per-position cosines."""
-    return 1 - position_cosine(pred, target).mean()
+    return 1 - cosine.position_cosine(pred, target).mean()
 
 
 @register_loss("trimmed_cos")
@@ -106,7 +88,7 @@ def trimmed_cos(pred: Tensor, target: Tensor, trim_frac: float = 0.25) -> Tensor
     """1 − mean of the per-position cosines after dropping ⌊trim_frac·H·W⌋ lowest and highest."""
     if not 0 <= trim_frac < 0.5:
         raise ValueError(f"trimmed_cos: trim_frac must be in [0, 0.5), got {trim_frac!r}")
-    cos = position_cosine(pred, target)
+    cos = cosine.position_cosine(pred, target)
     n = cos.shape[1]
     drop = math.floor(trim_frac * n)
     if n - 2 * drop < 1:
