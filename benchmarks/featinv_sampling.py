@@ -23,11 +23,7 @@ import time
 import numpy as np
 import torch
 
-from featmap_ray.featinv.model import (
-    build_featinv,
-    random_base_components,
-    tiny_base_components,
-)
+from featmap_ray.featinv.loading import build_featinv, random_base_components, tiny_base_components
 from featmap_ray.featinv.sample import reconstruct, reconstruct_reference_loop
 
 

@@ -14,14 +14,8 @@ import pytest
 import torch
 
 from featmap_ray.featinv.convert import CheckpointMismatch, import_ldm_checkpoint
-from featmap_ray.featinv.model import (
-    FeatInvControlNetModel,
-    build_featinv,
-    ddim_scheduler,
-    load_base_components,
-    load_featinv,
-    tiny_base_components,
-)
+from featmap_ray.featinv.loading import build_featinv, load_base_components, load_featinv, tiny_base_components
+from featmap_ray.featinv.model import FeatInvControlNetModel, ddim_scheduler
 
 LAYERS = 1  # layers_per_block of the tiny UNet
 BASE = {"image_size": 16, "num_heads": 4, "text_num_heads": 4}  # what the weights cannot tell
@@ -163,8 +157,10 @@ def test_imported_models_compute_the_same_functions(source, imported):
             ids = fi.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
             outputs.append([*down, mid, eps, image, fi.text_encoder(ids)[0]])
     assert torch.count_nonzero(outputs[0][0]) > 0  # the features reach the residuals
+    # Same weights in other module objects: equal to float32 rounding, not bitwise (kernels depend on
+    # memory layout; ~1e-6 apart on AMD EPYC for O(1) outputs), so 1e-5 as in test_featinv_model.
     for a, b in zip(*outputs):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
 def test_imported_config(imported):

@@ -49,8 +49,10 @@ def _reference_model():
     return timm.create_model("convnext_base", pretrained=False, **TINY_BACKBONES["convnext_base"]).eval()
 
 
-NORMALISE = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-RECONSTRUCTION_VIEW = T.Compose([T.Resize((288, 288)), NORMALISE])  # bilinear, the paper's evaluation resize
+IMAGENET = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+NORMALISE = T.Compose([T.ToTensor(), IMAGENET])
+# Bilinear, the paper's evaluation resize, on float pixels (not PIL's uint8 resize, whose rounding moves logits ~4e-3).
+RECONSTRUCTION_VIEW = T.Compose([T.ToTensor(), T.Resize((288, 288)), IMAGENET])
 SOURCE_VIEW = T.Compose([T.Resize(288), T.CenterCrop(288), NORMALISE])  # what `extract` fed the backbone
 
 
@@ -84,12 +86,18 @@ def test_reconstruct_writes_every_key_and_seed_with_metrics_and_resumes(reconstr
         recon_logits = model(recon)[0]
         source_logits = model(SOURCE_VIEW(Image.open(io.BytesIO(png)).convert("RGB"))[None])[0]
     cos = (source_map * recon_map).sum(0) / (np.linalg.norm(source_map, axis=0) * np.linalg.norm(recon_map, axis=0))
-    assert row["cosine"] == pytest.approx(float(np.median(cos)), abs=5e-3)  # 81 positions: the median is one value
-    assert row["source_top1"] == int(source_logits.argmax())
-    assert row["top5_match"] == (row["source_top1"] in recon_logits.topk(5).indices.tolist())
+    assert row["cos_median_lower"] == pytest.approx(float(np.median(cos)), abs=5e-3)  # 81 positions: one value
+    # The job's logits come from another module object on other batches: equal to float32 rounding
+    # (~1e-7 here, ~1e-6 on another CPU), so a class within 1e-5 of the top-1 / 5th logit may rank
+    # either side; every other decision must be ours.
+    assert source_logits[row["source_top1"]] >= source_logits.max() - 1e-5
+    fifth = recon_logits.topk(5).values[-1]
+    in_top5 = row["source_top1"] in recon_logits.topk(5).indices.tolist()
+    assert row["top5_match"] == in_top5 or abs(recon_logits[row["source_top1"]] - fifth) < 1e-5
 
     m = report.metrics
-    assert m.rows == 12 and m.cosine == pytest.approx(np.mean([r["cosine"] for r in rows]), abs=1e-6)
+    assert m.rows == 12
+    assert m.cos_median_lower == pytest.approx(np.mean([r["cos_median_lower"] for r in rows]), abs=1e-6)
     assert m.top5_match == pytest.approx(np.mean([r["top5_match"] for r in rows]))
     assert m.fid_extractor == "fid_backbone:convnext_base/stage3" and np.isfinite(m.fid) and m.fid >= 0
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))

@@ -6,13 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from featmap_ray.featinv.model import (
-    PROMPT,
-    FeatureMismatch,
-    build_featinv,
-    tiny_base_components,
-)
+from featmap_ray.featinv.loading import build_featinv, tiny_base_components
+from featmap_ray.featinv.model import FeatureMismatch
 from featmap_ray.featinv.sample import (
+    PROMPT,
     decode_latents,
     encode_prompts,
     initial_latents,
@@ -57,6 +54,7 @@ def test_item_depends_only_on_its_features_and_seed(fi):
     alone = sample_latents(fi, f[1:2], [100], steps=4)
     in_batch = sample_latents(fi, torch.stack([f[0], f[1], f[2]]), [7, 100, 9], steps=4)
     torch.testing.assert_close(in_batch[1:2], alone, atol=1e-5, rtol=0)
+    # RNG output (one generator per seed, same shape and device): bit for bit.
     assert torch.equal(initial_latents(fi, [7, 100, 9])[1], initial_latents(fi, [100])[0])
     # The seed and the features both matter.
     assert not torch.allclose(sample_latents(fi, f[1:2], [101], steps=4), alone, atol=1e-3)

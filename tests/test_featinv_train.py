@@ -13,10 +13,14 @@ from PIL import Image
 
 from featmap_ray import extract, ingest, store, tracking
 from featmap_ray.config import BackboneRequest
-from featmap_ray.featinv import metrics, model, train
+from featmap_ray.featinv import loading, metrics, train
 from tests.conftest import TINY_BACKBONES, make_config, tiny_backbone, write_image
 
 pytestmark = pytest.mark.usefixtures("ray_session")
+
+# The reference's training text (spec §10.4: tutorial_train_featinv.py), without the ", " that its
+# sampling code appends (spec §10.6).
+TRAINING_PROMPT = "a high-quality, detailed, and professional image"
 
 
 def _config(storage, root, **training):
@@ -57,7 +61,7 @@ def _eval_batch(cfg):
 
 
 def _denoising_loss(components, pixels, features) -> float:
-    """Independent definition: ε-prediction MSE at fixed noise and timesteps, conditioned on the prompt."""
+    """Independent definition: ε-prediction MSE at fixed noise and timesteps, conditioned on the training prompt."""
     from diffusers import DDPMScheduler
 
     from featmap_ray.featinv import sample
@@ -69,7 +73,7 @@ def _denoising_loss(components, pixels, features) -> float:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
         t = torch.linspace(50, 999, len(pixels)).long()
         noisy = scheduler.add_noise(latents, noise, t)
-        text = sample.encode_prompts(components, [sample.PROMPT]).expand(len(pixels), -1, -1)
+        text = sample.encode_prompts(components, [TRAINING_PROMPT]).expand(len(pixels), -1, -1)
         down, mid = components.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=features,
                                           return_dict=False)
         pred = components.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
@@ -110,13 +114,13 @@ def test_table_mode_pairs_each_stored_map_with_the_view_of_its_image(ingested):
 def test_training_lowers_the_loss_and_a_rerun_resumes_from_the_saved_step(ingested, tmp_path):
     cfg = _config(ingested.storage, ingested.dataset.root, lr=1e-2, max_steps=6, run_name="fit")
     pixels, features = _eval_batch(cfg)
-    fresh = model.build_featinv(model.tiny_base_components(), feature_channels=64, encoder_hidden_channels=16)
+    fresh = loading.build_featinv(loading.tiny_base_components(), feature_channels=64, encoder_hidden_channels=16)
     before = _denoising_loss(fresh, pixels, features)
 
     first = train.run(cfg)
     assert (first.start_step, first.step) == (0, 6)
     assert first.controlnet == f"{cfg.storage}/featinv/fit/controlnet"
-    trained = model.load_featinv(first.controlnet, model.tiny_base_components())
+    trained = loading.load_featinv(first.controlnet, loading.tiny_base_components())
     after = _denoising_loss(trained, pixels, features)
     assert after < 0.95 * before, (before, after)
 
@@ -134,19 +138,45 @@ def test_training_lowers_the_loss_and_a_rerun_resumes_from_the_saved_step(ingest
     assert grid.shape[:2] == (2 * 16, train.SAMPLES * 16)  # views over reconstructions
 
 
-def test_a_non_finite_loss_stops_training_and_names_the_step(ingested, tmp_path):
+def _fit_in_this_process(cfg, storage_path):
+    """Ray Train local mode (the loop in this process): the same loop as `train.run`, minus worker startup."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = _config(ingested.storage, ingested.dataset.root, lr=1e30, max_steps=5, run_name="nan",
-                  features_source="table")
-    # Ray Train local mode (the loop in this process): the same loop as `train.run`, minus worker startup.
     trainer = TorchTrainer(train.train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
                            datasets={"train": train.training_dataset(cfg)},
                            scaling_config=ray.train.ScalingConfig(num_workers=0),
-                           run_config=ray.train.RunConfig(name="nan", storage_path=str(tmp_path)))
+                           run_config=ray.train.RunConfig(name=cfg.featinv.training.run_name,
+                                                          storage_path=str(storage_path)))
+    return trainer.fit()
+
+
+def test_training_encodes_the_training_prompt_and_the_sample_grid_the_sampling_prompt(ingested, tmp_path,
+                                                                                       monkeypatch):
+    from featmap_ray.featinv import sample
+
+    cfg = _config(ingested.storage, ingested.dataset.root, max_steps=1, sample_every=1, run_name="prompt",
+                  features_source="table")
+    assert cfg.featinv.training.prompt == TRAINING_PROMPT
+    assert cfg.featinv.sampling.prompt == TRAINING_PROMPT + ", "  # the reference's sampling text (spec §10.6)
+    encoded = []
+    encode = sample.encode_prompts
+
+    def recording(components, prompts):
+        encoded.append(list(prompts))
+        return encode(components, prompts)
+
+    monkeypatch.setattr(sample, "encode_prompts", recording)
+    _fit_in_this_process(cfg, tmp_path)
+    # The training text and the dropped-out text "", then the grid's conditional and unconditional texts.
+    assert encoded == [[TRAINING_PROMPT, ""], [cfg.featinv.sampling.prompt], [cfg.featinv.sampling.negative_prompt]]
+
+
+def test_a_non_finite_loss_stops_training_and_names_the_step(ingested, tmp_path):
+    cfg = _config(ingested.storage, ingested.dataset.root, lr=1e30, max_steps=5, run_name="nan",
+                  features_source="table")
     with pytest.raises(Exception) as failure:
-        trainer.fit()
+        _fit_in_this_process(cfg, tmp_path)
     error = failure.value
     while not isinstance(error, train.NonFiniteLoss) and error.__cause__ is not None:
         error = error.__cause__

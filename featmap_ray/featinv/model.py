@@ -1,18 +1,18 @@
-"""FeatInv on diffusers: the feature encoder, the feature-conditioned ControlNet and the frozen base model.
+"""FeatInv on diffusers: feature encoder, feature-conditioned ControlNet, component container, DDIM sampler.
 
 FeatInv (Neukirch et al. 2025) is a ControlNet on MiniSD (Stable Diffusion 1.4 finetuned at 256×256)
 whose conditioning input is a backbone's feature map instead of an image. The only new module is
 the conditioning embedding (`FeatureEncoder`): the map is resized to the latent grid (32×32) and
 passed through a shallow CNN to the UNet's first width (320), then added after `conv_in`, exactly
 where diffusers' `ControlNetModel` adds its pixel-space embedding. Everything else is diffusers.
+`FeatInvComponents` holds the frozen base model, the ControlNet and the DDIM sampler; `loading.py`
+builds and loads it.
 """
 
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,22 +24,11 @@ from diffusers import (
 )
 from diffusers.configuration_utils import register_to_config
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-# The reference's text "a high-quality, detailed, and professional image" + ", " + a_prompt "".
-PROMPT = "a high-quality, detailed, and professional image, "
-BASE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "unet")
-DEFAULT_BASE = "lambdalabs/miniSD-diffusers"
-
-BaseComponents = tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel]
+from transformers import CLIPTextModel, CLIPTokenizer
 
 
 class FeatureMismatch(ValueError):
     """A feature map does not fit the FeatInv model (layout, channels, spatial size or values)."""
-
-
-class BaseModelNotFound(FileNotFoundError):
-    """The Stable Diffusion base model is not available locally."""
 
 
 class FeatureEncoder(nn.Module):
@@ -204,120 +193,3 @@ def ddim_scheduler() -> DDIMScheduler:
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
                          prediction_type="epsilon")
-
-
-def _freeze(*models: nn.Module) -> None:
-    for model in models:
-        model.requires_grad_(False)
-        model.eval()
-
-
-def build_featinv(base: BaseComponents, *, feature_channels: int, pooled: bool = False, backbone: str | None = None,
-                  layer: str | None = None, feature_height: int | None = None, feature_width: int | None = None,
-                  encoder_hidden_channels: int = 512) -> FeatInvComponents:
-    """A new (untrained) FeatInv model on a frozen base: the ControlNet is initialised from the UNet."""
-    vae, text_encoder, tokenizer, unet = base
-    _freeze(vae, text_encoder, unet)
-    controlnet = FeatInvControlNetModel.from_unet(
-        unet, feature_channels=feature_channels, pooled=pooled, backbone=backbone, layer=layer,
-        feature_height=feature_height, feature_width=feature_width, encoder_hidden_channels=encoder_hidden_channels)
-    controlnet.eval()
-    return FeatInvComponents(vae, text_encoder, tokenizer, unet, controlnet, ddim_scheduler())
-
-
-def load_featinv(controlnet_dir: str | Path, base: BaseComponents) -> FeatInvComponents:
-    """A trained FeatInv ControlNet (a `save_pretrained` folder) on a frozen base."""
-    vae, text_encoder, tokenizer, unet = base
-    controlnet = FeatInvControlNetModel.from_pretrained(str(controlnet_dir), low_cpu_mem_usage=False)
-    for key in ("block_out_channels", "cross_attention_dim", "layers_per_block", "down_block_types"):
-        if list(_as_list(controlnet.config[key])) != list(_as_list(unet.config[key])):
-            raise ValueError(f"ControlNet {controlnet_dir} was built for a UNet with {key}={controlnet.config[key]}, "
-                             f"the base UNet has {unet.config[key]}")
-    _freeze(vae, text_encoder, unet, controlnet)
-    return FeatInvComponents(vae, text_encoder, tokenizer, unet, controlnet, ddim_scheduler())
-
-
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-# ---------------------------------------------------------------------------------------------
-# Base model: real weights from disk / the HF cache, or tiny random models built from configs.
-
-def _resolve_base_dir(path: str | Path, local_files_only: bool) -> Path:
-    fetch = (f"on a machine with internet run `huggingface-cli download {DEFAULT_BASE} --local-dir DIR` "
-             f"(or `hf download ...` with huggingface_hub >= 1.0) and pass DIR, or copy its Hugging Face cache here")
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-            raise BaseModelNotFound(f"Stable Diffusion base model {str(path)!r}: no such directory; {fetch}")
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            root = Path(snapshot_download(str(path), local_files_only=local_files_only))
-        except (LocalEntryNotFoundError, OSError) as e:
-            where = "in the local Hugging Face cache" if local_files_only else "locally or on the hub"
-            raise BaseModelNotFound(f"Stable Diffusion base model {str(path)!r}: not a directory and not found "
-                                    f"{where} ({type(e).__name__}); {fetch}") from e
-    missing = [name for name in BASE_SUBFOLDERS if not (root / name).is_dir()]
-    if missing:
-        raise BaseModelNotFound(f"Stable Diffusion base model {str(path)!r} at {root} lacks the diffusers "
-                                f"subfolder(s) {missing} (need {list(BASE_SUBFOLDERS)}); {fetch}")
-    return root
-
-
-def load_base_components(path: str | Path, *, local_files_only: bool = True) -> BaseComponents:
-    """(vae, text_encoder, tokenizer, unet) of a Stable Diffusion 1.x in diffusers layout.
-
-    `path` is a local directory or a hub id resolved from the local HF cache (downloaded only when
-    `local_files_only=False`). Missing weights raise BaseModelNotFound; never falls back to random.
-    """
-    root = _resolve_base_dir(path, local_files_only)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", low_cpu_mem_usage=False)
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", low_cpu_mem_usage=False)
-    return vae, text_encoder, tokenizer, unet
-
-
-def tiny_tokenizer(max_length: int = 77) -> CLIPTokenizer:
-    """The real SD tokenizer class with a byte-level vocabulary and no merges (every byte is a token)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=max_length)
-
-
-def random_base_components(*, unet: dict, vae: dict, text_encoder: dict, seed: int = 0) -> BaseComponents:
-    """Randomly initialised (vae, text_encoder, tokenizer, unet) from diffusers/transformers configs, offline.
-
-    The tokenizer is `tiny_tokenizer()`; `text_encoder` is a CLIPTextConfig dict whose vocabulary
-    and special ids are set to match it. The global RNG state is left untouched.
-    """
-    tokenizer = tiny_tokenizer()
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, **text_encoder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        models = AutoencoderKL(**vae), CLIPTextModel(text_config), UNet2DConditionModel(**unet)
-    for model in models:
-        model.eval()
-    vae_model, text_model, unet_model = models
-    return vae_model, text_model, tokenizer, unet_model
-
-
-def tiny_base_components(seed: int = 0, sample_size: int = 8, cross_attention_dim: int = 32) -> BaseComponents:
-    """Tiny SD-1.x-shaped random models (latent 4×8×8, images 16×16) for tests, demos and benchmarks."""
-    unet = dict(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
-                cross_attention_dim=cross_attention_dim, norm_num_groups=32)
-    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-               norm_num_groups=32, sample_size=2 * sample_size)
-    text_encoder = dict(hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
-                        num_hidden_layers=2, num_attention_heads=4, projection_dim=cross_attention_dim)
-    return random_base_components(unet=unet, vae=vae, text_encoder=text_encoder, seed=seed)

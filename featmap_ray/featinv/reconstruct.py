@@ -19,7 +19,6 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -28,18 +27,16 @@ from PIL import Image
 
 from featmap_ray import backbones, imageio, store
 from featmap_ray.config import BackboneRequest, Config
-from featmap_ray.featinv import metrics
+from featmap_ray.cosine import median_cosine
+from featmap_ray.featinv import data, fid, metrics
 
-if TYPE_CHECKING:
-    from featmap_ray.featinv.model import BaseComponents, FeatInvComponents
-
-# diffusers (featinv.model, featinv.sample) is imported where it is used: Ray Data task workers
-# that only run this module's light UDFs then start without it.
+# diffusers (featinv.loading, featinv.model, featinv.sample) is imported where it is used: Ray Data
+# task workers that only run this module's light UDFs then start without it.
 
 STAGE = "reconstruct"
 EXTRACTED = "extracted"  # the generator of the maps in the features table
 LABELS = ("source_id", "variant", "split", "class_idx")
-ROW_METRICS = ("cosine", "top1_match", "top5_match")
+ROW_METRICS = ("cos_median_lower", "top1_match", "top5_match")
 GENERATOR_NAME = re.compile(r"^[A-Za-z0-9_.:/=+-]+$")
 
 
@@ -47,67 +44,7 @@ class ReconstructionsMismatch(ValueError):
     """A reconstructions table exists but was made with another FeatInv model or sampling setting."""
 
 
-# -- From the configuration to models (shared with train.py) ----------------------------------
-
-def featinv_backbone(cfg: Config) -> tuple[BackboneRequest, str]:
-    """The extract.backbones entry FeatInv inverts (featinv.backbone, else the first) and its layer
-    (featinv.layer, else the entry's last layer)."""
-    fi = cfg.featinv
-    if not cfg.extract.backbones:
-        raise ValueError("featinv needs a backbone: extract.backbones is empty")
-    requests = cfg.extract.backbones
-    request = next(r for r in requests if r.name == fi.backbone) if fi.backbone else requests[0]
-    spec = backbones.get_spec(request.name)
-    layer = fi.layer or backbones.resolve_layers(spec, request.layers)[-1]
-    return request, backbones.resolve_layers(spec, [layer])[0]
-
-
-def base_components(name: str) -> BaseComponents:
-    """(vae, text_encoder, tokenizer, unet): random tiny models for "tiny", else Stable Diffusion at `name`."""
-    from featmap_ray.featinv import model
-
-    return model.tiny_base_components(seed=0) if name == "tiny" else model.load_base_components(name)
-
-
-def featinv_components(cfg: Config, controlnet_dir: str | None = None) -> FeatInvComponents:
-    """The FeatInv model of the config: the ControlNet in `controlnet_dir` or `featinv.controlnet`,
-    else a fresh one made from the base UNet (seeded: every worker and actor builds the same)."""
-    from featmap_ray.featinv import model
-
-    fi = cfg.featinv
-    request, layer = featinv_backbone(cfg)
-    base = base_components(fi.base_model)
-    path = controlnet_dir or fi.controlnet
-    if path:
-        components = model.load_featinv(path, base)
-        trained_on = (components.controlnet.config.backbone, components.controlnet.config.layer)
-        if None not in trained_on and trained_on != (request.name, layer):
-            raise ValueError(f"FeatInv ControlNet {path} inverts {trained_on[0]}/{trained_on[1]}, but the config "
-                             f"selects {request.name}/{layer} (featinv.backbone / featinv.layer)")
-        return components
-    channels, height, width = backbones.feature_shapes(backbones.get_spec(request.name), request, [layer])[layer]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.featinv.training.seed)
-        return model.build_featinv(base, feature_channels=channels, pooled=fi.pooled, backbone=request.name,
-                                   layer=layer, feature_height=height, feature_width=width,
-                                   encoder_hidden_channels=fi.encoder_hidden_channels)
-
-
-def backbone_view(png: bytes, size: int) -> np.ndarray:
-    """A stored image as the backbone sees it: uint8 (size, size, 3), resized and centre-cropped."""
-    return np.asarray(imageio.resize_center_crop(Image.fromarray(imageio.decode_png_rgb(png)), size))
-
-
-def selection(split: str | None, variants: list[str] | None) -> str | None:
-    """Lance filter for rows of `split` (None: all) and `variants` (None: all)."""
-    def quoted(values: Iterable[str]) -> str:
-        return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
-
-    conditions = [f"split = {quoted([split])}"] if split else []
-    if variants:
-        conditions.append(f"variant IN ({quoted(variants)})")
-    return " AND ".join(conditions) or None
-
+# -- The Ray Data stage ------------------------------------------------------------------------
 
 def _use_cores(use_gpu: bool) -> torch.device:
     if not use_gpu:
@@ -115,13 +52,6 @@ def _use_cores(use_gpu: bool) -> torch.device:
         torch.set_num_threads(os.cpu_count() or 1)
     return torch.device("cuda" if use_gpu else "cpu")
 
-
-def _source_views(st: store.Store, keys: list[tuple[str, str]], size: int) -> dict[tuple[str, str], np.ndarray]:
-    table = st.rows(st.images_uri, keys, ["image"])
-    return {(r["source_id"], r["variant"]): backbone_view(r["image"], size) for r in table.to_pylist()}
-
-
-# -- The Ray Data stage ------------------------------------------------------------------------
 
 def select_pending(batch: dict[str, np.ndarray], seeds: list[int], done: frozenset[tuple[str, str, int]],
                    keep: frozenset[tuple[str, str]] | None) -> dict[str, np.ndarray]:
@@ -143,10 +73,12 @@ class Reconstructor:
     """Ray Data actor: feature maps + seeds -> reconstruction rows (PNG and per-row metrics) or failure rows."""
 
     def __init__(self, cfg: Config, generator: str, schema: pa.Schema):
+        from featmap_ray.featinv import loading
+
         self.device = _use_cores(cfg.featinv.sampling.num_gpus > 0)
         self.sampling = cfg.featinv.sampling
-        self.components = featinv_components(cfg).to(self.device)
-        request, layer = featinv_backbone(cfg)
+        self.components = loading.featinv_components(cfg).to(self.device)
+        request, layer = data.featinv_backbone(cfg)
         self.probe = metrics.BackboneProbe(request, layer, self.device)
         self.store = store.Store(cfg.storage)
         self.generator, self.schema = generator, store.with_error_columns(schema)
@@ -186,11 +118,11 @@ class Reconstructor:
                                     guidance=s.guidance, prompt=s.prompt, negative_prompt=s.negative_prompt,
                                     control_scale=s.control_scale)
         pixels = torch.from_numpy(images)
-        cosine = metrics.median_cosine(features, self.probe.features(pixels)).tolist()
+        cosine = median_cosine(features, self.probe.features(pixels), "lower").tolist()  # torch.median, as FeatInv
         agreement = [(None, None, None)] * len(rows)
         if self.probe.has_classifier:
             keys = [(r["source_id"], r["variant"]) for r in rows]
-            sources = _source_views(self.store, keys, self.probe.spec.input_size)
+            sources = data.stored_views(self.store, keys, self.probe.spec.input_size)
             have = [i for i, k in enumerate(keys) if k in sources]
             if have:
                 source_logits = self.probe.logits(torch.from_numpy(np.stack([sources[keys[i]] for i in have])))
@@ -199,7 +131,7 @@ class Reconstructor:
                     agreement[i] = (int(top1[j]), bool(match1[j]), bool(match5[j]))
         for row, image, cos, (top1, match1, match5) in zip(rows, images, cosine, agreement, strict=True):
             row.update(image=imageio.encode_png(Image.fromarray(image)), width=image.shape[1], height=image.shape[0],
-                       cosine=cos, source_top1=top1, top1_match=match1, top5_match=match5)
+                       cos_median_lower=cos, source_top1=top1, top1_match=match1, top5_match=match5)
 
 
 # -- Evaluation over the stored rows ------------------------------------------------------------
@@ -210,16 +142,16 @@ class FidFeatures:
 
     def __init__(self, cfg: Config):
         device = _use_cores(cfg.featinv.sampling.num_gpus > 0)
-        request, layer = featinv_backbone(cfg)
+        request, layer = data.featinv_backbone(cfg)
         self.probe = metrics.BackboneProbe(request, layer, device)
-        self.extractor = metrics.fid_extractor(cfg.featinv.eval.fid_inception_weights, self.probe)
+        self.extractor = fid.fid_extractor(cfg.featinv.eval.fid_inception_weights, self.probe)
         self.store = store.Store(cfg.storage)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         keys = list(zip(batch["source_id"].to_pylist(), batch["variant"].to_pylist(), strict=True))
         images = np.stack([imageio.decode_png_rgb(png) for png in batch["image"].to_pylist()])
         reconstruction = self.extractor(torch.from_numpy(images))
-        sources = _source_views(self.store, keys, self.probe.spec.input_size)
+        sources = data.stored_views(self.store, keys, self.probe.spec.input_size)
         have = np.array([k in sources for k in keys], bool)
         source = np.full_like(reconstruction, np.nan)
         if have.any():
@@ -235,14 +167,14 @@ class FidFeatures:
 class ReconstructionMetrics:
     generator: str
     rows: int
-    cosine: float | None  # mean over rows of the median per-position cosine
+    cos_median_lower: float | None  # mean over rows of the median per-position cosine (rule lower)
     top1_match: float | None  # fractions over rows with a classifier prediction of the source image
     top5_match: float | None
     fid: float | None  # None with fewer than 2 rows that have a stored source image
     fid_extractor: str
 
     def mlflow_metrics(self) -> dict[str, float]:
-        values = {"rows": self.rows, "cosine": self.cosine, "top1_match": self.top1_match,
+        values = {"rows": self.rows, "cos_median_lower": self.cos_median_lower, "top1_match": self.top1_match,
                   "top5_match": self.top5_match, "fid": self.fid}
         return {k: float(v) for k, v in values.items() if v is not None}
 
@@ -250,7 +182,8 @@ class ReconstructionMetrics:
         def fmt(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.4f}"
 
-        return (f"[{STAGE}:{self.generator}] {self.rows} reconstructions: cosine {fmt(self.cosine)}, "
+        return (f"[{STAGE}:{self.generator}] {self.rows} reconstructions: "
+                f"median cosine (lower) {fmt(self.cos_median_lower)}, "
                 f"top-1 match {fmt(self.top1_match)}, top-5(1) match {fmt(self.top5_match)}, "
                 f"FID {fmt(self.fid)} ({self.fid_extractor})")
 
@@ -270,7 +203,7 @@ def evaluate(cfg: Config, generator: str) -> ReconstructionMetrics:
     """Metrics over every stored reconstruction of `generator` with the configured seeds."""
     import ray.data
 
-    request, layer = featinv_backbone(cfg)
+    request, layer = data.featinv_backbone(cfg)
     st = store.Store(cfg.storage)
     s = cfg.featinv.sampling
     ds = st.read_ray(st.reconstructions_uri(request.name, layer), filter=_rows_filter(generator, _seeds(cfg)),
@@ -288,13 +221,13 @@ def evaluate(cfg: Config, generator: str) -> ReconstructionMetrics:
         values = values[~np.isnan(values)]
         return float(values.mean()) if len(values) else None
 
-    fid = None
+    distance = None
     have = columns.get("has_source", np.zeros(0, bool))
     if have.sum() >= 2:
-        fid = metrics.fid(columns["source"][have], columns["reconstruction"][have])
-    name = metrics.fid_extractor_name(cfg.featinv.eval.fid_inception_weights, backbones.get_spec(request.name))
-    return ReconstructionMetrics(generator, len(have), mean("cosine"), mean("top1_match"), mean("top5_match"),
-                                 fid, name)
+        distance = fid.fid(columns["source"][have], columns["reconstruction"][have])
+    name = fid.fid_extractor_name(cfg.featinv.eval.fid_inception_weights, backbones.get_spec(request.name))
+    return ReconstructionMetrics(generator, len(have), mean("cos_median_lower"), mean("top1_match"), mean("top5_match"),
+                                 distance, name)
 
 
 # -- The job ------------------------------------------------------------------------------------
@@ -365,7 +298,7 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *,
     (source_id, variant) keys (and makes the skipped count exact)."""
     import ray.data
 
-    request, layer = featinv_backbone(cfg)
+    request, layer = data.featinv_backbone(cfg)
     backbones.check_weights(backbones.get_spec(request.name), request)  # fail here, not in every actor
     st = store.Store(cfg.storage)
     s = cfg.featinv.sampling
@@ -397,11 +330,11 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *,
 
 def run(cfg: Config) -> ReconstructReport:
     """Reconstruct the selected maps of the features table (featinv.sampling.split / variants / limit)."""
-    request, layer = featinv_backbone(cfg)
+    request, layer = data.featinv_backbone(cfg)
     st = store.Store(cfg.storage)
     s = cfg.featinv.sampling
     uri = st.features_uri(request.name, layer)
-    where = selection(s.split, s.variants)
+    where = data.selection(s.split, s.variants)
     keys = sorted(st.keys(uri, filter=where))
     if not keys:
         raise FileNotFoundError(f"no feature maps in {uri}" + (f" where {where}" if where else "")

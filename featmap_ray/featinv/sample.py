@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from featmap_ray.featinv.model import PROMPT, FeatInvComponents
+from featmap_ray.featinv.model import FeatInvComponents
+
+# The reference's sampling text: prompt "a high-quality, detailed, and professional image" + ", " + a_prompt "".
+PROMPT = "a high-quality, detailed, and professional image, "
 
 
 def encode_prompts(components: FeatInvComponents, prompts: list[str]) -> torch.Tensor:

@@ -4,7 +4,9 @@ The recipe of the reference (and of diffusers' examples/controlnet/train_control
 VAE, text encoder and UNet; the ControlNet (DDP over `featinv.training.num_workers` workers)
 predicts residuals so that the UNet's noise prediction matches the noise added to the image's
 latent (MSE, t uniform, DDPMScheduler with the sampler's betas); AdamW over ControlNet parameters
-only; with probability 0.15 per sample the feature map becomes zeros and the prompt "" together.
+only; the text is `featinv.training.prompt` (the reference's training prompt, which lacks the
+trailing ", " of its sampling text); with probability 0.15 per sample the feature map becomes zeros
+and the text "" together.
 
 Data comes through Ray Data from the images table (the stored image in the backbone's view: resized
 and centre-cropped to its input size). Feature maps are either computed on the worker's device from
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from featmap_ray import backbones, store
 from featmap_ray.config import Config
-from featmap_ray.featinv import metrics, reconstruct
+from featmap_ray.featinv import data, metrics
 
 if TYPE_CHECKING:
     from featmap_ray.featinv.model import FeatInvComponents
@@ -53,28 +55,26 @@ class NonFiniteLoss(FloatingPointError):
 
 def decode_views(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
     """Ray Data UDF: stored PNGs -> the backbone's view, uint8 (N, size, size, 3)."""
-    return {"pixels": np.stack([reconstruct.backbone_view(png, size) for png in batch["image"].to_pylist()])}
+    return {"pixels": np.stack([data.backbone_view(png, size) for png in batch["image"].to_pylist()])}
 
 
 def attach_views(batch: pa.Table, storage: str, size: int) -> dict[str, np.ndarray]:
     """Ray Data UDF: stored feature maps + the views of their images (looked up by key)."""
     keys = list(zip(batch["source_id"].to_pylist(), batch["variant"].to_pylist(), strict=True))
-    st = store.Store(storage)
-    images = {(r["source_id"], r["variant"]): r["image"] for r in st.rows(st.images_uri, keys, ["image"]).to_pylist()}
-    have = [i for i, k in enumerate(keys) if k in images]  # a map without its image cannot be a training pair
+    views = data.stored_views(store.Store(storage), keys, size)
+    have = [i for i, k in enumerate(keys) if k in views]  # a map without its image cannot be a training pair
     features = store.tensor_numpy(batch["feature"])[have]
-    pixels = np.stack([reconstruct.backbone_view(images[keys[i]], size) for i in have]) if have else \
-        np.zeros((0, size, size, 3), np.uint8)
+    pixels = np.stack([views[keys[i]] for i in have]) if have else np.zeros((0, size, size, 3), np.uint8)
     return {"pixels": pixels, "feature": features}
 
 
 def training_dataset(cfg: Config):
     """The Ray Dataset of training rows: `pixels` (+ `feature` when read from the features table)."""
     tr = cfg.featinv.training
-    request, layer = reconstruct.featinv_backbone(cfg)
+    request, layer = data.featinv_backbone(cfg)
     size = backbones.get_spec(request.name).input_size
     st = store.Store(cfg.storage)
-    where = reconstruct.selection(tr.split, tr.variants)
+    where = data.selection(tr.split, tr.variants)
     if tr.features_source == "on_the_fly":
         uri, columns, udf, kwargs = st.images_uri, ["image"], decode_views, {"size": size}
     else:
@@ -134,6 +134,9 @@ def sample_grid(components: FeatInvComponents, cfg: Config, features: torch.Tens
     """Views (top row) over their reconstructions (bottom row), uint8 HWC."""
     from featmap_ray.featinv import sample
 
+    # The grid previews what `featmap reconstruct` will make of these maps, so it samples with
+    # featinv.sampling's prompt (trailing ", "), guidance and control scale. The reference's ImageLogger
+    # instead samples with the batch's training text at CFG 9.0 (spec §10.4, cldm.py log_images).
     s = cfg.featinv.sampling
     components.controlnet.eval()
     images = sample.reconstruct(components, features, [s.seed] * len(features), steps=cfg.featinv.training.sample_steps,
@@ -170,11 +173,13 @@ def _load(cfg: Config) -> tuple[FeatInvComponents, dict]:
     """The FeatInv model and the training state: from the run's last checkpoint, else new."""
     import ray.train
 
+    from featmap_ray.featinv import loading
+
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return reconstruct.featinv_components(cfg), {"step": 0, "mlflow_run_id": None}
+        return loading.featinv_components(cfg), {"step": 0, "mlflow_run_id": None}
     with checkpoint.as_directory() as d:
-        components = reconstruct.featinv_components(cfg, controlnet_dir=os.path.join(d, "controlnet"))
+        components = loading.featinv_components(cfg, controlnet_dir=os.path.join(d, "controlnet"))
         return components, torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
 
@@ -187,7 +192,7 @@ def train_loop(config: dict) -> None:
     from featmap_ray.featinv import sample
 
     cfg = Config.model_validate(config["cfg"])
-    fi, tr = cfg.featinv, cfg.featinv.training
+    tr = cfg.featinv.training
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
 
@@ -202,10 +207,10 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
     noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)  # the sampler's betas
     with torch.no_grad():
-        text = sample.encode_prompts(components, [fi.sampling.prompt, ""])
+        text = sample.encode_prompts(components, [tr.prompt, ""])  # index 1: the dropped-out text
     probe = None
     if tr.features_source == "on_the_fly":
-        probe = metrics.BackboneProbe(*reconstruct.featinv_backbone(cfg), device)
+        probe = metrics.BackboneProbe(*data.featinv_backbone(cfg), device)
 
     step = start_step = int(state["step"])
     shard = ray.train.get_dataset_shard("train")
@@ -296,7 +301,7 @@ def run(cfg: Config) -> TrainSummary:
     from featmap_ray import tracking
 
     tr = cfg.featinv.training
-    request, _ = reconstruct.featinv_backbone(cfg)  # a bad backbone, layer or weight file fails here
+    request, _ = data.featinv_backbone(cfg)  # a bad backbone, layer or weight file fails here
     backbones.check_weights(backbones.get_spec(request.name), request)
     dataset = training_dataset(cfg)
     tracking.experiment_id(cfg)  # created once by the driver, not raced by workers

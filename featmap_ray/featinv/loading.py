@@ -1,0 +1,181 @@
+"""Loading FeatInv models: the frozen Stable Diffusion base, a FeatInv ControlNet on it, and the model a config selects.
+
+The base is a Stable Diffusion 1.x in diffusers layout (a local folder, or a hub id resolved from the
+local Hugging Face cache; missing weights are an error, never a silent fallback) or tiny random
+SD-shaped models built from configs (tests, demos, benchmarks). The ControlNet is either new
+(initialised from the base UNet, `build_featinv`) or a saved one (`load_featinv`). `featinv_components`
+puts the two together the way `featinv.*` in the config says; the reconstruct and training jobs use it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from featmap_ray import backbones
+from featmap_ray.config import Config
+from featmap_ray.featinv.data import featinv_backbone
+from featmap_ray.featinv.model import FeatInvComponents, FeatInvControlNetModel, ddim_scheduler
+
+BASE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "unet")
+DEFAULT_BASE = "lambdalabs/miniSD-diffusers"
+
+BaseComponents = tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel]
+
+
+class BaseModelNotFound(FileNotFoundError):
+    """The Stable Diffusion base model is not available locally."""
+
+
+def _freeze(*models: nn.Module) -> None:
+    for model in models:
+        model.requires_grad_(False)
+        model.eval()
+
+
+def build_featinv(base: BaseComponents, *, feature_channels: int, pooled: bool = False, backbone: str | None = None,
+                  layer: str | None = None, feature_height: int | None = None, feature_width: int | None = None,
+                  encoder_hidden_channels: int = 512) -> FeatInvComponents:
+    """A new (untrained) FeatInv model on a frozen base: the ControlNet is initialised from the UNet."""
+    vae, text_encoder, tokenizer, unet = base
+    _freeze(vae, text_encoder, unet)
+    controlnet = FeatInvControlNetModel.from_unet(
+        unet, feature_channels=feature_channels, pooled=pooled, backbone=backbone, layer=layer,
+        feature_height=feature_height, feature_width=feature_width, encoder_hidden_channels=encoder_hidden_channels)
+    controlnet.eval()
+    return FeatInvComponents(vae, text_encoder, tokenizer, unet, controlnet, ddim_scheduler())
+
+
+def load_featinv(controlnet_dir: str | Path, base: BaseComponents) -> FeatInvComponents:
+    """A trained FeatInv ControlNet (a `save_pretrained` folder) on a frozen base."""
+    vae, text_encoder, tokenizer, unet = base
+    controlnet = FeatInvControlNetModel.from_pretrained(str(controlnet_dir), low_cpu_mem_usage=False)
+    for key in ("block_out_channels", "cross_attention_dim", "layers_per_block", "down_block_types"):
+        if list(_as_list(controlnet.config[key])) != list(_as_list(unet.config[key])):
+            raise ValueError(f"ControlNet {controlnet_dir} was built for a UNet with {key}={controlnet.config[key]}, "
+                             f"the base UNet has {unet.config[key]}")
+    _freeze(vae, text_encoder, unet, controlnet)
+    return FeatInvComponents(vae, text_encoder, tokenizer, unet, controlnet, ddim_scheduler())
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Base model: real weights from disk / the HF cache, or tiny random models built from configs.
+
+def resolve_base_dir(path: str | Path, local_files_only: bool) -> Path:
+    """The folder of a Stable Diffusion base model: a local folder, or a hub id resolved in the HF cache;
+    BaseModelNotFound names what to download when it is neither."""
+    fetch = (f"on a machine with internet run `huggingface-cli download {DEFAULT_BASE} --local-dir DIR` "
+             f"(or `hf download ...` with huggingface_hub >= 1.0) and pass DIR, or copy its Hugging Face cache here")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+            raise BaseModelNotFound(f"Stable Diffusion base model {str(path)!r}: no such directory; {fetch}")
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            root = Path(snapshot_download(str(path), local_files_only=local_files_only))
+        except (LocalEntryNotFoundError, OSError) as e:
+            where = "in the local Hugging Face cache" if local_files_only else "locally or on the hub"
+            raise BaseModelNotFound(f"Stable Diffusion base model {str(path)!r}: not a directory and not found "
+                                    f"{where} ({type(e).__name__}); {fetch}") from e
+    missing = [name for name in BASE_SUBFOLDERS if not (root / name).is_dir()]
+    if missing:
+        raise BaseModelNotFound(f"Stable Diffusion base model {str(path)!r} at {root} lacks the diffusers "
+                                f"subfolder(s) {missing} (need {list(BASE_SUBFOLDERS)}); {fetch}")
+    return root
+
+
+def load_base_components(path: str | Path, *, local_files_only: bool = True) -> BaseComponents:
+    """(vae, text_encoder, tokenizer, unet) of a Stable Diffusion 1.x in diffusers layout.
+
+    `path` is a local directory or a hub id resolved from the local HF cache (downloaded only when
+    `local_files_only=False`). Missing weights raise BaseModelNotFound; never falls back to random.
+    """
+    root = resolve_base_dir(path, local_files_only)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", low_cpu_mem_usage=False)
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", low_cpu_mem_usage=False)
+    return vae, text_encoder, tokenizer, unet
+
+
+def tiny_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """The real SD tokenizer class with a byte-level vocabulary and no merges (every byte is a token)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=max_length)
+
+
+def random_base_components(*, unet: dict, vae: dict, text_encoder: dict, seed: int = 0) -> BaseComponents:
+    """Randomly initialised (vae, text_encoder, tokenizer, unet) from diffusers/transformers configs, offline.
+
+    The tokenizer is `tiny_tokenizer()`; `text_encoder` is a CLIPTextConfig dict whose vocabulary
+    and special ids are set to match it. The global RNG state is left untouched.
+    """
+    tokenizer = tiny_tokenizer()
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, **text_encoder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        models = AutoencoderKL(**vae), CLIPTextModel(text_config), UNet2DConditionModel(**unet)
+    for model in models:
+        model.eval()
+    vae_model, text_model, unet_model = models
+    return vae_model, text_model, tokenizer, unet_model
+
+
+def tiny_base_components(seed: int = 0, sample_size: int = 8, cross_attention_dim: int = 32) -> BaseComponents:
+    """Tiny SD-1.x-shaped random models (latent 4×8×8, images 16×16) for tests, demos and benchmarks."""
+    unet = dict(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
+                cross_attention_dim=cross_attention_dim, norm_num_groups=32)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+               norm_num_groups=32, sample_size=2 * sample_size)
+    text_encoder = dict(hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
+                        num_hidden_layers=2, num_attention_heads=4, projection_dim=cross_attention_dim)
+    return random_base_components(unet=unet, vae=vae, text_encoder=text_encoder, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# From the configuration to the model (the reconstruct and training jobs).
+
+def base_components(name: str) -> BaseComponents:
+    """(vae, text_encoder, tokenizer, unet): random tiny models for "tiny", else Stable Diffusion at `name`."""
+    return tiny_base_components(seed=0) if name == "tiny" else load_base_components(name)
+
+
+def featinv_components(cfg: Config, controlnet_dir: str | None = None) -> FeatInvComponents:
+    """The FeatInv model of the config: the ControlNet in `controlnet_dir` or `featinv.controlnet`,
+    else a fresh one made from the base UNet (seeded: every worker and actor builds the same)."""
+    fi = cfg.featinv
+    request, layer = featinv_backbone(cfg)
+    base = base_components(fi.base_model)
+    path = controlnet_dir or fi.controlnet
+    if path:
+        components = load_featinv(path, base)
+        trained_on = (components.controlnet.config.backbone, components.controlnet.config.layer)
+        if None not in trained_on and trained_on != (request.name, layer):
+            raise ValueError(f"FeatInv ControlNet {path} inverts {trained_on[0]}/{trained_on[1]}, but the config "
+                             f"selects {request.name}/{layer} (featinv.backbone / featinv.layer)")
+        return components
+    channels, height, width = backbones.feature_shapes(backbones.get_spec(request.name), request, [layer])[layer]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.featinv.training.seed)
+        return build_featinv(base, feature_channels=channels, pooled=fi.pooled, backbone=request.name, layer=layer,
+                             feature_height=height, feature_width=width,
+                             encoder_hidden_channels=fi.encoder_hidden_channels)
