@@ -1,7 +1,8 @@
-"""`featmap` command line: `featmap <stage> --config conf/x.yaml [key=value ...]`.
+"""`featmap` command line: `featmap COMMAND [--config FILE] [key=value ...]`.
 
-Entry points only parse configuration and call the Ray stages; `jobs/*.py` do the same for
-`ray job submit`.
+Entry points only parse configuration, check it, and call the Ray stages; `jobs/*.py` do the same
+for `ray job submit`. Each command first runs its cheap checks (registry names, weights, tables),
+and only then starts Ray and writes anything under the storage root.
 """
 
 from __future__ import annotations
@@ -9,7 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
 
 from featmap_ray import store
 from featmap_ray.config import Config, ConfigError, load_config
@@ -64,7 +71,7 @@ def _evaluate(cfg: Config) -> object:
     from featmap_ray.evaluation import stages
 
     frame = stages.run_evaluate(cfg)
-    cols = [c for c in ("backbone", "layer", "manipulation", "model", "cos_median", "mse", "agree_top1_orig_mapped")
+    cols = [c for c in ("backbone", "layer", "manipulation", "model", "cos_median_upper", "mse", "agree_top1_orig_mapped")
             if c in frame]
     return f"[evaluate] {len(frame)} rows in {stages.results_uri(cfg, 'evaluations')}\n" + frame[cols].to_string(index=False)
 
@@ -107,17 +114,18 @@ STUDY: dict[str, Callable[[Config], object]] = {
 }
 
 
-def featinv_import(argv: list[str]) -> int:
-    """`featmap featinv-import CKPT OUT_DIR [--backbone B --layer L --tokenizer DIR]`: convert a
-    FeatInv ControlNet-research-code checkpoint into our diffusers folders."""
-    parser = argparse.ArgumentParser(prog="featmap featinv-import", description=featinv_import.__doc__.split(":")[0])
+def _featinv_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="the reference's .ckpt (or .safetensors)")
     parser.add_argument("out_dir", help="written: controlnet/ unet/ vae/ text_encoder/ scheduler/ [tokenizer/]")
     parser.add_argument("--backbone", help="backbone the features come from (recorded, checked when sampling)")
     parser.add_argument("--layer", help="its layer")
     parser.add_argument("--tokenizer", help="a CLIP tokenizer folder to copy (e.g. the base model's tokenizer/)")
     parser.add_argument("--pooled", action="store_true", help="the checkpoint is of the pooled variant")
-    args = parser.parse_args(argv)
+
+
+def featinv_import(args: argparse.Namespace) -> int:
+    """`featmap featinv-import CKPT OUT_DIR [--backbone B --layer L --tokenizer DIR]`: convert a
+    FeatInv ControlNet-research-code checkpoint into our diffusers folders."""
     from featmap_ray.featinv.convert import CheckpointMismatch, import_ldm_checkpoint
 
     try:
@@ -157,7 +165,8 @@ def describe(cfg: Config) -> str:
         uris += [st.features_uri(spec.name, layer) for layer in backbones.resolve_layers(spec, request.layers)]
     uris.append(st.errors_uri)
     lines = [f"storage root: {cfg.storage}"]
-    lines += [f"  {st.count(uri):>7} rows  {uri}" for uri in uris if st.open(uri) is not None]
+    lines += [f"  {st.count(uri):>7} rows  {uri}" for uri in uris if st.open(uri) is not None] or [
+        "  no tables yet: run `featmap pipeline`"]
     lines += [
         "look at them:",
         f"  python -c \"import lance; print(lance.dataset('{st.images_uri}').to_table(columns=['source_id','variant','class_name']).to_pandas())\"",
@@ -166,41 +175,270 @@ def describe(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+# -- checks: run after the config loads, before Ray starts or anything is written ------------------
+# Each raises (ValueError, FileNotFoundError: exit code 1) naming what is wrong; none needs Ray.
+
+def _check_dataset(cfg: Config) -> None:
+    """dataset.root is a folder holding image files of the configured classes (the builtin demo
+    photographs are unpacked by ingest itself)."""
+    from featmap_ray import ingest
+
+    root = cfg.dataset.root
+    if not root.startswith("builtin:") and not ingest.discover(cfg.dataset, root):
+        raise FileNotFoundError(f"no image files ({', '.join(cfg.dataset.extensions)}) under dataset.root {root}")
+
+
+def _check_images(cfg: Config) -> None:
+    st = store.Store(cfg.storage)
+    if st.open(st.images_uri) is None:
+        raise FileNotFoundError(f"no images table at {st.images_uri}: run `featmap ingest` first")
+
+
+def _check_backbones(cfg: Config) -> None:
+    """Every extract.backbones entry: a registry (or timm) name, its layers, its weights."""
+    from featmap_ray import backbones
+
+    for request in cfg.extract.backbones:
+        spec = backbones.get_spec(request.name)
+        backbones.resolve_layers(spec, request.layers)
+        backbones.check_weights(spec, request)
+
+
+def _check_study(cfg: Config) -> None:
+    from featmap_ray.mapping import fit
+
+    fit.validate_study(cfg)
+
+
+def _check_grid(cfg: Config) -> None:
+    """The mapping section expands to a grid (families, losses, targets), tables not consulted."""
+    from featmap_ray.mapping import grid
+
+    grid.expand(cfg)
+
+
+def _check_sweep(cfg: Config) -> None:
+    from featmap_ray.mapping import sweep
+
+    sweep.search_space(cfg, sweep.base_spec(cfg))
+
+
+def _check_evaluations(cfg: Config) -> None:
+    from featmap_ray.evaluation import stages
+
+    stages.read_results(cfg, "evaluations")
+
+
+def _check_featinv(cfg: Config) -> None:
+    """The backbone and layer FeatInv inverts, their weights, and the Stable Diffusion base model."""
+    from featmap_ray import backbones
+    from featmap_ray.featinv import data
+
+    request, _ = data.featinv_backbone(cfg)
+    backbones.check_weights(backbones.get_spec(request.name), request)
+    if cfg.featinv.base_model != "tiny":
+        from featmap_ray.featinv import loading  # imports diffusers: after the cheap checks
+
+        loading.resolve_base_dir(cfg.featinv.base_model, local_files_only=True)
+
+
+# -- commands and their help ---------------------------------------------------------------------
+
+DEFAULT_CONFIG = "conf/demo.yaml"
+WIDTH = 88  # of every help text
+RAY_KEYS = ("storage", "ray", "mlflow")  # read by every command that starts Ray
+
+
+@dataclass(frozen=True)
+class Command:
+    summary: str  # one line in `featmap --help`
+    details: str = ""  # more in `featmap COMMAND --help`
+    keys: tuple[str, ...] = ()  # config sections / keys it reads (dotted paths into Config)
+    checks: tuple[Callable[[Config], None], ...] = ()
+
+
+_FIT_KEYS = ("mapping", "mapping.targets", "mapping.training", "mapping.resources", "manipulate.ops",
+             "extract.backbones")
+_EVALUATE_KEYS = ("evaluate", "evaluate.classifier", "mapping.study", "mapping.resources.gpus_per_worker")
+_FEATINV_KEYS = ("featinv", "featinv.training", "featinv.sampling", "featinv.eval", "extract.backbones")
+
+COMMANDS: dict[str, Command] = {
+    "ingest": Command("image folders -> images.lance (originals, resized and centre-cropped)",
+                      "Lists the image files under dataset.root, decodes, resizes and centre-crops them; "
+                      "unreadable files become rows of errors.lance. A re-run adds only what is missing.",
+                      (*RAY_KEYS, "dataset"), (_check_dataset,)),
+    "manipulate": Command("originals -> manipulated variants in images.lance",
+                          "Applies every manipulate.ops entry to every original image.",
+                          (*RAY_KEYS, "manipulate"), (_check_images,)),
+    "extract": Command("images -> feature maps in features/<backbone>/<layer>.lance",
+                       "Runs every extract.backbones entry over every image (originals and variants) in a "
+                       "Ray Data actor pool and stores the requested layers.",
+                       (*RAY_KEYS, "extract", "extract.backbones"), (_check_backbones, _check_images)),
+    "pipeline": Command("ingest -> manipulate -> extract",
+                        keys=(*RAY_KEYS, "dataset", "manipulate", "extract", "extract.backbones"),
+                        checks=(_check_dataset, _check_backbones)),
+    "fit": Command("train the study's pending mapping runs (Ray Tune schedules the grid)",
+                   "Expands mapping.datasets x targets x losses into runs; finished runs are skipped, "
+                   "interrupted ones resume. Runs land in <storage>/mapping/runs/<study>/.",
+                   (*RAY_KEYS, *_FIT_KEYS), (_check_study,)),
+    "sweep": Command("Ray Tune + ASHA over one model family's hyper-parameters",
+                     "Tunes mapping.sweep.model on one (backbone, layer, manipulation); the best trial's "
+                     "model goes to <storage>/mapping/sweeps/<study>/best.",
+                     (*RAY_KEYS, *_FIT_KEYS, "mapping.sweep"), (_check_sweep,)),
+    "evaluate": Command("held-out metrics of every finished mapping run, and the baselines",
+                        "Feature metrics and classifier agreement of each run of the study, plus the "
+                        "identity and spatial-only baselines, in <storage>/results/<study>/evaluations.",
+                        (*RAY_KEYS, *_EVALUATE_KEYS), (_check_grid,)),
+    "analyze": Command("linear maps of the study: weight vs bias, SVD, rank-k truncations",
+                       keys=(*RAY_KEYS, "evaluate", "mapping.study"), checks=(_check_grid,)),
+    "report": Command("tables and PNG plots in <storage>/reports/<study>/ and MLflow",
+                      "Reads what evaluate (and analyze) wrote: run `featmap evaluate` first.",
+                      (*RAY_KEYS, "mapping.study"), (_check_evaluations,)),
+    "study": Command("fit -> evaluate -> analyze -> report",
+                     keys=(*RAY_KEYS, *_FIT_KEYS, *_EVALUATE_KEYS), checks=(_check_study,)),
+    "featinv-train": Command("train a FeatInv ControlNet on Ray Train",
+                             "Checkpoints and the final ControlNet go to <storage>/featinv/<run_name>; a "
+                             "re-run with a larger max_steps continues from the last checkpoint.",
+                             (*RAY_KEYS, *_FEATINV_KEYS), (_check_featinv,)),
+    "reconstruct": Command("feature maps -> FeatInv reconstructions, with metrics",
+                           "Samples images from the stored feature maps (or from a mapping run's mapped maps: "
+                           "featinv.sampling.mapping_run) into reconstructions/<backbone>/<layer>.lance.",
+                           (*RAY_KEYS, *_FEATINV_KEYS), (_check_featinv,)),
+    "featinv-import": Command("convert a FeatInv research-code checkpoint into diffusers folders",
+                              "Reads no config: its arguments are paths."),
+    "info": Command("tables, row counts and how to look at them (starts no Ray)",
+                    keys=("storage", "extract.backbones", "mlflow.tracking_uri")),
+}
+
+
+def _section(annotation: object) -> type[BaseModel] | None:
+    """The config model a field holds (itself, optional, or as list items), else None (a plain key)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list or len(args) == 1:
+        annotation = args[0]
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _key_line(path: str) -> str:
+    """`section: field, field*, ...` for a section (its plain keys and lists; nested sections have
+    their own lines), or the dotted key itself. A path that is not in Config raises."""
+    annotation: object = Config
+    for part in path.split("."):
+        model = _section(annotation)
+        if model is None or part not in model.model_fields:
+            raise KeyError(f"{path!r} is not a config key")
+        annotation = model.model_fields[part].annotation
+    model = _section(annotation)
+    if model is None:
+        return "  " + path
+    label = path + ("[]" if typing.get_origin(annotation) is list else "")
+    names = [n + "*" * f.is_required() for n, f in model.model_fields.items()  # nested sections: own lines
+             if _section(f.annotation) is None or typing.get_origin(f.annotation) is not None]
+    return textwrap.fill(f"{label}: {', '.join(names)}", width=WIDTH, initial_indent="  ",
+                         subsequent_indent=" " * (len(label) + 4))
+
+
+def _required(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    out = []
+    for name, f in model.model_fields.items():
+        if f.is_required():
+            sub = _section(f.annotation)
+            out += _required(sub, f"{prefix}{name}.") if sub else [prefix + name]
+    return out
+
+
+def _keys_help(keys: tuple[str, ...]) -> str:
+    return "\n".join(["config keys it reads (in the --config file or as key=value; README: Configuration):",
+                      *map(_key_line, keys),
+                      f"* required. Every command needs {' and '.join(_required())}: the config is checked whole."])
+
+
+CONFIG_HELP = (f"YAML config file (default: {DEFAULT_CONFIG} in the current directory, the embedded demo)")
+FOOTER = ("Every command but featinv-import takes --config FILE (default: {default}, relative to the current "
+          "directory) and key=value overrides (values parsed as YAML, e.g. extract.batch_size=8), in any order. "
+          "A command checks its config, names and tables before it starts Ray or writes anything. "
+          "`featmap COMMAND --help` says what a command does and which config keys it reads.")
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, width=WIDTH, max_help_position=28)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    listing = "\n".join(f"  {name:<16}{cmd.summary}" for name, cmd in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="featmap", usage="featmap COMMAND [--config FILE] [key=value ...]",
+        formatter_class=_formatter,
+        description=textwrap.fill("The FeatMap / FeatInv study on Ray: image folders -> images -> feature maps "
+                                  "-> mapping models -> evaluation -> FeatInv reconstructions, in Lance tables "
+                                  "under one storage root, recorded in MLflow.", WIDTH),
+        epilog=f"commands:\n{listing}\n\n{textwrap.fill(FOOTER.format(default=DEFAULT_CONFIG), WIDTH)}")
+    # The listing above is the commands' help; argparse's own would wrap each line.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, help=argparse.SUPPRESS)
+    subparsers = {}
+    for name, cmd in COMMANDS.items():
+        sub = commands.add_parser(name, prog=f"featmap {name}", formatter_class=_formatter,
+                                  description="\n\n".join(textwrap.fill(t, WIDTH) for t in (cmd.summary, cmd.details) if t),
+                                  epilog=_keys_help(cmd.keys) if cmd.keys else None)
+        if name == "featinv-import":
+            _featinv_import_arguments(sub)
+        else:
+            sub.add_argument("--config", "-c", metavar="FILE", help=CONFIG_HELP)
+            sub.add_argument("overrides", nargs="*", metavar="key=value",
+                             help="config overrides, values parsed as YAML (e.g. extract.batch_size=8)")
+        subparsers[name] = sub
+    return parser, subparsers
+
+
+def config_path(path: str | None) -> str:
+    """`--config`, else conf/demo.yaml in the current directory."""
+    if path is not None:
+        return path
+    if not Path(DEFAULT_CONFIG).is_file():
+        raise ConfigError(f"no --config given, and the default {DEFAULT_CONFIG} does not exist in {Path.cwd()}: "
+                          f"pass --config FILE (or run from the repository root for the demo)")
+    log.info("config: %s (the default)", DEFAULT_CONFIG)
+    return DEFAULT_CONFIG
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["featinv-import"]:  # paths, not a config: its own arguments
-        return featinv_import(argv[1:])
-    parser = argparse.ArgumentParser(prog="featmap", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=[*STAGES, "pipeline", *STUDY, "study", "featinv-import", "info"],
-                        help="a data stage, `pipeline` (ingest -> manipulate -> extract), a study command "
-                             "(fit, sweep, evaluate, analyze, report), `study` (fit -> evaluate -> analyze -> "
-                             "report), FeatInv (featinv-train, reconstruct, featinv-import CKPT OUT_DIR), "
-                             "or `info` (tables and row counts)")
-    parser.add_argument("--config", "-c", help="YAML config file (conf/demo.yaml is the embedded default)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. extract.batch_size=8")
-    args = parser.parse_intermixed_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = build_parser()
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    name = next((a for a in argv if a in COMMANDS), None)
+    if name is None or argv[0] in ("-h", "--help"):
+        parser.parse_args(argv)  # prints the help, or what is wrong, and exits
+        return 2
+    argv.remove(name)  # the command may follow its options: `featmap -c x.yaml fit`
+    if name == "featinv-import":  # paths, not a config: its own arguments
+        return featinv_import(subparsers[name].parse_args(argv))
+    args = subparsers[name].parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "info":
+        cfg = load_config(config_path(args.config), args.overrides)
+        for check in COMMANDS[name].checks:  # before Ray starts and before anything is written
+            check(cfg)
+        if name == "info":
             print(describe(cfg))
             return 0
         from featmap_ray import runtime
 
         runtime.init_ray(cfg)
-        if args.command in STUDY or args.command == "study":
-            for name in ["fit", "evaluate", "analyze", "report"] if args.command == "study" else [args.command]:
-                print(STUDY[name](cfg), flush=True)
+        if name in STUDY or name == "study":
+            for step in ["fit", "evaluate", "analyze", "report"] if name == "study" else [name]:
+                print(STUDY[step](cfg), flush=True)
             return 0
         summaries = []
-        for name in PIPELINE if args.command == "pipeline" else [args.command]:
-            summaries += run_stage(cfg, name)
+        for stage in PIPELINE if name == "pipeline" else [name]:
+            summaries += run_stage(cfg, stage)
     except ConfigError as e:
         print(f"featmap: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # named in the message: no traceback needed
-        print(f"featmap {args.command}: error: {e}", file=sys.stderr)
+        print(f"featmap {name}: error: {e}", file=sys.stderr)
         return 1
     print(describe(cfg))
     # Non-zero only when nothing usable came out: every row of every stage failed or was absent.

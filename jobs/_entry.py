@@ -22,6 +22,7 @@ def _storage_inside_working_dir(argv: list[str]) -> str | None:
     """The storage root relative to the CWD (the job's temporary working dir) when it lies inside
     it, where it would be lost with the job; None otherwise, or when the config cannot be loaded
     (then `featmap` itself reports the problem)."""
+    from featmap_ray.cli import config_path
     from featmap_ray.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(add_help=False)
@@ -29,7 +30,7 @@ def _storage_inside_working_dir(argv: list[str]) -> str | None:
     parser.add_argument("overrides", nargs="*")
     try:
         args, _ = parser.parse_known_intermixed_args(argv)
-        storage = load_config(args.config, args.overrides).storage  # relative paths resolved against the CWD
+        storage = load_config(config_path(args.config), args.overrides).storage  # relative: against the CWD
     except (ConfigError, SystemExit):
         return None
     if "://" in storage or not Path(storage).is_relative_to(Path.cwd()):
