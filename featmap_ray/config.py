@@ -141,17 +141,24 @@ class MappingTraining(_Strict):
     min_lr: float = Field(1e-6, ge=0)
     val_fraction: float = Field(0.05, gt=0, lt=1)
     max_train_pairs: int | None = Field(8000, ge=1)  # seeded subset per manipulation; None = all
-    shuffle_buffer: int = Field(1024, ge=1)  # pairs in Ray Data's local shuffle buffer
-    seed: int = 42
+    seed: int = 42  # model initialisation, the split, and every epoch's batch order
 
 
 class MappingResources(_Strict):
-    # Ray Train workers per run (DDP). At least 1: Train's local mode cannot run inside Tune trials.
+    # Ray Train workers per fused group (DDP). At least 1: Train's local mode neither persists
+    # checkpoints nor runs inside Tune trials.
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
-    max_concurrent: int | None = Field(None, ge=1)  # runs at once; None = what the cluster fits
-    max_failures: int = Field(1, ge=0)  # restarts of a run from its last checkpoint
+    # Runs that read the same pairs (one dataset, backbone, layer, manipulation) train together in
+    # one Ray Train run; at most this many models per group (None: all of them; 1: one run per trial).
+    models_per_group: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)  # groups at once; None = what the cluster fits
+    max_failures: int = Field(1, ge=0)  # restarts of a group (Train workers, Tune trial) from its last checkpoint
+    checkpoint_every: int = Field(1, ge=1)  # epochs between checkpoints (and whenever a model finishes)
+    pair_cache_mb: int = Field(4096, ge=0)  # a worker holds its pairs in memory up to this size, else streams them
+    driver_cpus: float = Field(0.5, gt=0)  # the Tune trial that drives a group's TorchTrainer
+    driver_resources: dict[str, float] = {}  # e.g. {"head": 0.01} to keep drivers on a non-spot node
 
 
 class SweepConfig(_Strict):
@@ -229,6 +236,8 @@ class FeatInvTraining(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     batch_size: int = Field(8, ge=1)  # per worker
     max_steps: int = Field(10_000, ge=1)  # a re-run with a larger value continues from the last checkpoint
+    # The reference's training text (spec §10.4); unlike sampling.prompt it has no trailing ", ".
+    prompt: str = "a high-quality, detailed, and professional image"
     conditioning_dropout: float = Field(0.15, ge=0, le=1)  # feature map -> zeros and prompt -> "" together
     # "on_the_fly": the backbone runs on the training worker (allows flip augmentation, like the
     # reference); "table": the maps stored by `featmap extract`.

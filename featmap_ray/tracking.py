@@ -63,21 +63,23 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def child_run(cfg: Config, name: str, tags: dict[str, str], *, parent: str | None, params: dict[str, object]):
+def child_run(cfg: Config, name: str, tags: dict[str, str], *, parent: str | None, params: dict[str, object],
+              digest: str):
     """An MLflow run for one mapping run, nested under `parent`; an unfinished run of the same name
-    (a crashed attempt) is reused, so a resumed run keeps one MLflow run. Returns (client, run_id)."""
+    and digest (a crashed attempt at the same model) is reused, so a resumed run keeps one MLflow
+    run. Returns (client, run_id)."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
     client = MlflowClient(tracking_uri(cfg))
     exp = experiment_id(cfg)
-    found = client.search_runs([exp], filter_string=f"tags.`featmap.run` = '{name}' AND attributes.status != 'FINISHED'",
-                               max_results=1)
+    found = client.search_runs([exp], filter_string=f"tags.`featmap.run` = '{name}' AND tags.`featmap.digest` = "
+                                                    f"'{digest}' AND attributes.status != 'FINISHED'", max_results=1)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return client, run_id
-    all_tags = {**tags, "featmap.run": name, "mlflow.runName": name}
+    all_tags = {**tags, "featmap.run": name, "featmap.digest": digest, "mlflow.runName": name}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = client.create_run(exp, run_name=name, tags=all_tags)

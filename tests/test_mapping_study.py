@@ -71,6 +71,8 @@ def test_grid_fits_every_run_and_ridge_recovers_the_affine_map(fitted_study):
 
     cfg, summary = fitted_study
     assert summary.failed == {} and len(summary.fitted) == 3
+    assert summary.groups == 2  # hue_shift_60's two families train together, rotation_90 alone
+    assert not list((Path(cfg.storage) / "mapping" / "train").glob("*"))  # finished groups leave no checkpoints
     runs = {load_run(d)[1].model + ("+apply" if load_run(d)[1].apply_transform else ""): load_run(d) for d in finished_runs(cfg)}
     assert set(runs) == {"linear", "ridge", "linear+apply"}
     a, b = mt.affine_truth(SHAPE[0])
@@ -83,6 +85,15 @@ def test_grid_fits_every_run_and_ridge_recovers_the_affine_map(fitted_study):
     assert np.abs(w_lin - a).max() < 0.5 * np.abs(np.eye(SHAPE[0]) - a).max()
     history = runs["linear"][2]["history"]
     assert history[-1]["val_loss"] < 0.2 * history[0]["val_loss"]
+    # The training means a rank-k truncation falls back to: the raw means of the training pairs.
+    from featmap_ray.mapping import train
+
+    model, spec, info = runs["ridge"]
+    plan = train.plan_group(cfg, [spec])
+    assert plan.runs[0].digest == info["digest"]
+    x, y = plan.train.read(np.arange(len(plan.train)))
+    np.testing.assert_allclose(info["train_means"]["x"], x.astype(np.float64).mean((0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(info["train_means"]["y"], y.astype(np.float64).mean((0, 2, 3)), rtol=1e-6)
 
 
 def test_rerun_skips_finished_runs(fitted_study):
@@ -120,11 +131,11 @@ def test_evaluate_scores_runs_and_baselines(fitted_study):
     cfg, _ = fitted_study
     frame = stages.run_evaluate(cfg).set_index(["manipulation", "model", "group"])
     assert len(frame) == 6  # 3 runs + identity (x2) + spatial_only
-    assert frame.loc[("rotation_90", "spatial_only", "baseline"), "cos_median"] == pytest.approx(1.0, abs=1e-6)
-    assert frame.loc[("rotation_90", "identity", "baseline"), "cos_median"] < 0.99
-    assert frame.loc[("hue_shift_60", "ridge", "affine"), "cos_median"] > 0.999
-    assert frame.loc[("hue_shift_60", "linear", "affine"), "cos_median"] > frame.loc[
-        ("hue_shift_60", "identity", "baseline"), "cos_median"]
+    assert frame.loc[("rotation_90", "spatial_only", "baseline"), "cos_median_upper"] == pytest.approx(1.0, abs=1e-6)
+    assert frame.loc[("rotation_90", "identity", "baseline"), "cos_median_upper"] < 0.99
+    assert frame.loc[("hue_shift_60", "ridge", "affine"), "cos_median_upper"] > 0.999
+    assert frame.loc[("hue_shift_60", "linear", "affine"), "cos_median_upper"] > frame.loc[
+        ("hue_shift_60", "identity", "baseline"), "cos_median_upper"]
     # Classifier agreement through the tiny ConvNeXt head; the exact map agrees with the edit.
     assert frame.loc[("rotation_90", "spatial_only", "baseline"), "agree_top1_edit_mapped"] == 1.0
     assert 0.0 <= frame["jsd_orig_mapped_mean"].min() and frame["jsd_orig_mapped_mean"].max() <= 1.0
@@ -142,7 +153,7 @@ def test_analyze_and_report(fitted_study):
     s = np.linalg.svd(a, compute_uv=False)
     assert svd.loc["ridge", "spectral_norm"] == pytest.approx(s[0], rel=1e-3)
     trunc = frames["truncation"]
-    ridge = trunc[(trunc["model"] == "ridge") & (trunc["metric"] == "cos_median")].set_index("k")["value"]
+    ridge = trunc[(trunc["model"] == "ridge") & (trunc["metric"] == "cos_median_upper")].set_index("k")["value"]
     assert list(ridge.index) == [1, 4, 16] and ridge[16] > 0.999 and ridge[1] < ridge[4] < ridge[16]
     wxb = frames["weight_bias"]
     assert set(wxb["family"]) == {"photometric", "geometric"}
@@ -152,7 +163,7 @@ def test_analyze_and_report(fitted_study):
     summary = stages.run_report(cfg)
     pngs = list(summary.parent.glob("*.png"))
     assert summary.exists() and len(pngs) >= 4
-    assert "cos_median" in summary.read_text()
+    assert "cos_median_upper" in summary.read_text()
 
 
 def test_bad_requests_fail_before_any_work(tmp_path, ray_session):
@@ -191,9 +202,11 @@ def test_sweep_keeps_the_best_trial(tmp_path, ray_session):
 
 @pytest.mark.slow
 def test_killed_fit_resumes_from_its_checkpoint(tmp_path):
-    mt.write_tables(str(tmp_path), shape=SHAPE, n_train=24, n_test=4)
+    """SIGKILL the whole `featmap fit` (driver, Tune, Train), run the same command again: it goes on
+    after the last checkpointed epoch."""
+    mt.write_tables(str(tmp_path), shape=SHAPE, n_train=96, n_test=4)
     cfg = study_config(tmp_path, datasets={"t": {"g": {"manipulations": ["hue_shift_60"], "models": ["linear"]}}},
-                       training={"max_epochs": 400, "patience": 400, "lr": 1e-4, "batch_size": 8, "accumulate": 1})
+                       training={"max_epochs": 40, "patience": 40, "lr": 1e-4, "batch_size": 4, "accumulate": 1})
     path = tmp_path / "study.yaml"
     path.write_text(cfg.dump())
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
@@ -202,19 +215,125 @@ def test_killed_fit_resumes_from_its_checkpoint(tmp_path):
     train_dir = tmp_path / "mapping" / "train"
     deadline = time.time() + 240
     while time.time() < deadline and len(list(train_dir.glob("*/checkpoint_*"))) < 2:
-        time.sleep(1)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(list(train_dir.glob("*/checkpoint_*"))) >= 1, "no checkpoint before the kill"
+    assert not (tmp_path / "mapping" / "runs").exists(), "the run finished before the kill"
 
-    data = yaml.safe_load(path.read_text())
-    data["mapping"]["training"]["max_epochs"] = 12
-    path.write_text(yaml.safe_dump(data))
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     info = json.loads(next((tmp_path / "mapping" / "runs").glob("*/*/run.json")).read_text())
     assert info["resumed_at"] and info["resumed_at"][0] >= 1  # continued after a finished epoch
-    assert [h["epoch"] for h in info["history"]] == list(range(12))
+    assert [h["epoch"] for h in info["history"]] == list(range(40))
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of this Ray session's Ray Train worker processes (children of our raylet only: other
+    Ray instances on the machine are not ours to touch)."""
+    import ray
+
+    parents, cmdlines = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdlines[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+    ours = {ray._private.worker._global_node.all_processes["raylet"][0].process.pid}
+    while True:
+        more = {pid for pid, parent in parents.items() if parent in ours} - ours
+        if not more:
+            break
+        ours |= more
+    return [pid for pid in ours if b"RayTrainWorker" in cmdlines.get(pid, b"")]
+
+
+@pytest.mark.slow
+def test_a_killed_train_worker_restarts_within_the_command(tmp_path, ray_session, single_torch_thread):
+    """SIGKILL the Train worker process (not the driver) mid-run: FailureConfig restarts it from the
+    last checkpoint in the same `fit`, and the result is what an uninterrupted run gives."""
+    import threading
+
+    import torch
+
+    from featmap_ray.mapping import fit, loop, train
+    from featmap_ray.mapping.artefacts import finished_runs, load_run
+
+    mt.write_tables(str(tmp_path), shape=SHAPE, n_train=96, n_test=4)
+    cfg = study_config(tmp_path, datasets={"t": {"g": {"manipulations": ["hue_shift_60"], "models": ["mlp"]}}},
+                       model_hparams={"mlp": {"hidden": 16}}, resources={"num_workers": 1, "max_failures": 2},
+                       training={"max_epochs": 30, "patience": 30, "lr": 1e-3, "batch_size": 4, "accumulate": 2})
+    killed: list[int] = []
+
+    def kill_after_a_registered_checkpoint():
+        deadline, seen = time.time() + 300, set()
+        while time.time() < deadline and not killed:
+            now = set((tmp_path / "mapping" / "train").glob("*/checkpoint_*"))
+            # A checkpoint deleted (num_to_keep=2): the controller has registered three.
+            if seen - now:
+                for pid in _train_worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            seen |= now
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_after_a_registered_checkpoint)
+    killer.start()
+    summary = fit.run_study(cfg)
+    killer.join()
+    assert killed, "no Train worker was killed"
+    assert summary.failed == {} and len(summary.fitted) == 1
+    model, spec, info = load_run(finished_runs(cfg)[0])
+    assert info["resumed_at"] and [h["epoch"] for h in info["history"]] == list(range(30))
+
+    # The same run, uninterrupted, in this process: same data, seed and batch order. Another
+    # process may take other float kernel paths, which 30 epochs of Adam amplify: 1e-3 relative.
+    plan = train.plan_group(cfg, fit.validate_study(cfg))
+    [run] = plan.runs
+    assert run.digest == info["digest"]
+    member = loop.Member(run.spec, run.digest, run.training, shape=plan.train.shape, norm=run.norm,
+                         loss_options={}, device=torch.device("cpu"))
+    stream = plan.stream
+    loop.fit_group([member], data_loader(plan.train, stream, shuffle=True), data_loader(plan.val, stream),
+                   torch.device("cpu"))
+    assert member.best_epoch == info["best_epoch"]
+    for k, v in member.best_model().state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def data_loader(pairs, training, shuffle=False):
+    from featmap_ray.mapping import data
+
+    return data.PairLoader(pairs, batch_size=training.batch_size, shuffle_seed=training.seed if shuffle else None)
+
+
+@pytest.mark.slow
+def test_a_changed_setting_trains_a_new_model_from_scratch(tmp_path, ray_session):
+    """The digest covers every setting that shapes a model: a changed family hyper-parameter re-trains
+    that run only, a changed training setting every run it applies to, `refit` every run."""
+    from featmap_ray.mapping import fit
+    from featmap_ray.mapping.artefacts import finished_runs, load_run
+
+    mt.write_tables(str(tmp_path), shape=SHAPE, n_train=24, n_test=4)
+    base = {"datasets": {"t": {"g": {"manipulations": ["hue_shift_60"], "models": ["linear", "ridge"]}}},
+            "training": {"max_epochs": 3, "patience": 3, "lr": 1e-2, "batch_size": 8, "accumulate": 1}}
+
+    def run(**changes):
+        summary = fit.run_study(study_config(tmp_path, **{**base, **changes}))
+        runs = {load_run(d)[1].model: load_run(d)[2] for d in finished_runs(study_config(tmp_path, **base))}
+        return sorted(k.split("--")[-2] for k in summary.fitted), sorted(k.split("--")[-2] for k in summary.skipped), runs
+
+    assert run()[:2] == (["linear", "ridge"], [])
+    fitted, skipped, runs = run(model_hparams={"ridge": {"gamma": 5.0}})
+    assert (fitted, skipped) == (["ridge"], ["linear"]) and runs["ridge"]["spec"]["hparams"] == {"gamma": 5.0}
+    changed = {**base["training"], "lr": 5e-3}
+    fitted, skipped, runs = run(model_hparams={"ridge": {"gamma": 5.0}}, training=changed)
+    assert (fitted, skipped) == (["linear", "ridge"], [])
+    assert runs["linear"]["training"]["lr"] == 5e-3
+    assert runs["linear"]["resumed_at"] == [] and [h["epoch"] for h in runs["linear"]["history"]] == [0, 1, 2]
+    fitted, _, runs = run(model_hparams={"ridge": {"gamma": 5.0}}, training=changed, refit=True)
+    assert fitted == ["linear", "ridge"] and runs["linear"]["resumed_at"] == []
 
 
 def test_paper_study_config_expands_to_the_615_runs_of_the_paper():
@@ -250,3 +369,34 @@ def test_mapped_features_of_a_run_feed_reconstruction(fitted_study):
     np.testing.assert_allclose(expected, y.numpy(), atol=1e-2)  # and it is the true edit
     with pytest.raises(FileNotFoundError, match="no finished mapping run"):
         mapped_features(cfg, "nope")
+
+
+@pytest.mark.slow
+def test_two_workers_sum_their_shards(tmp_path, ray_session, single_torch_thread):
+    """DDP over two Train workers: each reads half the pairs, closed-form statistics, training means
+    and validation sums are reduced across them, so a ridge map equals the one-process fit on all pairs."""
+    import torch
+
+    from featmap_ray.mapping import fit, loop, train
+    from featmap_ray.mapping.artefacts import finished_runs, load_run
+
+    mt.write_tables(str(tmp_path), shape=SHAPE, n_train=40, n_test=4)
+    cfg = study_config(tmp_path, datasets={"t": {"g": {"manipulations": ["hue_shift_60"], "models": ["ridge", "linear"]}}},
+                       resources={"num_workers": 2}, training={"max_epochs": 2, "batch_size": 4, "accumulate": 1,
+                                                               "val_fraction": 0.1})
+    summary = fit.run_study(cfg)
+    assert summary.failed == {} and len(summary.fitted) == 2
+    runs = {load_run(d)[1].model: load_run(d) for d in finished_runs(cfg)}
+    plan = train.plan_group(cfg, fit.validate_study(cfg))
+    assert len(plan.train) % 2 == 0  # so the two shards cover every training pair
+    member = loop.Member(plan.runs[0].spec, plan.runs[0].digest, plan.runs[0].training, shape=plan.train.shape,
+                         norm=plan.runs[0].norm, loss_options={}, device=torch.device("cpu"))
+    fitted = loop.fit_group([member], data_loader(plan.train, plan.stream, shuffle=True),
+                            data_loader(plan.val, plan.stream), torch.device("cpu"))
+    ridge, _, info = runs["ridge"]
+    # Sums of float64 statistics over two shards vs one: equal to float64 rounding, then float32 weights.
+    for k, v in member.best_model().state_dict().items():
+        torch.testing.assert_close(ridge.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    np.testing.assert_allclose(info["train_means"]["x"], fitted.train_means["x"], rtol=1e-9)
+    assert info["best"]["val_loss"] == pytest.approx(member.best["val_loss"], rel=1e-5)
+    assert len(runs["linear"][2]["history"]) == 2

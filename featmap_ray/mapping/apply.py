@@ -7,49 +7,52 @@ turn it into an image and compare it with the real manipulated image.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import torch
 
 from featmap_ray import store
 from featmap_ray.config import Config
+from featmap_ray.mapping import data
+from featmap_ray.mapping.artefacts import finished_runs, load_run, read_info, runs_root
+from featmap_ray.mapping.grid import RunSpec
 
 
-def _map_batch(batch: pa.Table, run_dir: str, manipulation: str, split: str, uri: str) -> pa.Table:
-    from featmap_ray.mapping.data import read_features
-    from featmap_ray.mapping.artefacts import load_run
+class _MapWithRun:
+    """Ray Data actor: loads the run's model once, then maps batch after batch."""
 
-    model, _, _ = load_run(run_dir)
-    x = read_features(uri, batch["x_offset"].to_numpy())
-    with torch.no_grad():
-        mapped = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
-    n = batch.num_rows
-    return pa.table({"source_id": batch["source_id"], "variant": [manipulation] * n, "split": [split] * n,
-                     "class_idx": batch["class_idx"], "feature": store.tensor_array(mapped)})
+    def __init__(self, run_dir: str, pairs: data.Pairs, split: str):
+        self.model, spec, _ = load_run(run_dir)
+        self.pairs, self.split, self.manipulation = pairs, split, spec.manipulation
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        x, _ = self.pairs.read(batch["row"].to_numpy())
+        with torch.no_grad():
+            mapped = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        n = batch.num_rows
+        return pa.table({"source_id": batch["source_id"], "variant": [self.manipulation] * n,
+                         "split": [self.split] * n, "class_idx": batch["class_idx"],
+                         "feature": store.tensor_array(mapped)})
 
 
 def mapped_features(cfg: Config, run_key: str, split: str = "test"):
     """(Ray Dataset of mapped maps, their (source_id, variant) keys) for run `run_key` of the study."""
     import ray.data
 
-    from featmap_ray.mapping import data
-    from featmap_ray.mapping.artefacts import RUN_FILE, load_run, runs_root
-
     run_dir = runs_root(cfg) / run_key
-    if not (run_dir / RUN_FILE).exists():
-        finished = sorted(p.parent.name for p in runs_root(cfg).glob(f"*/{RUN_FILE}"))
+    info = read_info(run_dir)
+    if info is None:
+        finished = [p.name for p in finished_runs(cfg)]
         raise FileNotFoundError(f"no finished mapping run {run_key!r} in study {cfg.mapping.study!r}; "
                                 f"finished: {finished[:10]}")
-    _, spec, _ = load_run(run_dir)
+    spec = RunSpec.from_dict(info["spec"])
     pairs = data.load_pairs(store.Store(cfg.storage), dataset=spec.dataset, backbone=spec.backbone, layer=spec.layer,
                             manipulation=spec.manipulation, split=split)
     if len(pairs) == 0:
         raise ValueError(f"mapping run {run_key}: no {split} pairs to map")
-    index = pa.table({"source_id": pairs.source_ids, "class_idx": pairs.class_idx.astype(np.int32),
-                      "x_offset": pairs.x_offsets})
+    index = pa.table({"row": np.arange(len(pairs), dtype=np.int64), "source_id": pairs.source_ids,
+                      "class_idx": pairs.class_idx.astype(np.int32)})
     ds = ray.data.from_arrow(index).map_batches(
-        _map_batch, batch_format="pyarrow", batch_size=64,
-        fn_kwargs={"run_dir": str(Path(run_dir)), "manipulation": spec.manipulation, "split": split, "uri": pairs.uri})
+        _MapWithRun, fn_constructor_kwargs={"run_dir": str(run_dir), "pairs": pairs, "split": split},
+        batch_format="pyarrow", batch_size=64, concurrency=1)
     return ds, [(sid, spec.manipulation) for sid in pairs.source_ids]

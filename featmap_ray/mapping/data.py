@@ -8,19 +8,21 @@ needed, so nothing is copied on disk.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from featmap_ray import store
-
-INDEX_SCHEMA = pa.schema([("row", pa.int64()), ("x_offset", pa.int64()), ("y_offset", pa.int64())])
-
 
 @dataclass
 class Pairs:
@@ -33,26 +35,45 @@ class Pairs:
     y_offsets: np.ndarray  # offsets of the manipulated rows
     shape: tuple[int, int, int]
     itemsize: int  # bytes per stored value (2 for float16 tables)
+    version: int  # the table version the offsets refer to (later appends do not move them)
+    table_meta: str = ""  # the features table's provenance (backbone, weights, dtype), as stored
 
     def __len__(self) -> int:
         return len(self.source_ids)
 
     def subset(self, rows: np.ndarray) -> Pairs:
         rows = np.asarray(rows, dtype=np.int64)
-        return Pairs(self.uri, [self.source_ids[i] for i in rows], self.class_idx[rows], self.x_offsets[rows],
-                     self.y_offsets[rows], self.shape, self.itemsize)
+        return dataclasses.replace(self, source_ids=[self.source_ids[i] for i in rows], class_idx=self.class_idx[rows],
+                                   x_offsets=self.x_offsets[rows], y_offsets=self.y_offsets[rows])
 
-    def index_table(self) -> pa.Table:
-        return pa.table({"row": np.arange(len(self), dtype=np.int64), "x_offset": self.x_offsets,
-                         "y_offset": self.y_offsets}, schema=INDEX_SCHEMA)
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y): the original and manipulated maps of pairs `rows`, (N, C, H, W) as stored."""
+        return (read_features(self.uri, self.x_offsets[rows], self.version),
+                read_features(self.uri, self.y_offsets[rows], self.version))
 
 
 def dataset_source_ids(st: store.Store, dataset: str) -> set[str]:
     table = st.open(st.images_uri)
     if table is None:
         raise FileNotFoundError(f"no images table at {st.images_uri}: run `featmap ingest` first")
-    rows = table.to_table(columns=["source_id"], filter=f"variant = '{store.ORIGINAL}' AND dataset = '{dataset}'")
-    return set(rows["source_id"].to_pylist())
+    return _dataset_source_ids(st.images_uri, table.version, dataset)
+
+
+# Memoised per table version (a version never changes): planning a study reads the same key
+# columns for every group of runs.
+@functools.lru_cache(maxsize=16)
+def _dataset_source_ids(uri: str, version: int, dataset: str) -> frozenset[str]:
+    rows = _dataset(uri, version).to_table(columns=["source_id"],
+                                           filter=f"variant = '{store.ORIGINAL}' AND dataset = '{dataset}'")
+    return frozenset(rows["source_id"].to_pylist())
+
+
+@functools.lru_cache(maxsize=8)
+def _key_frame(uri: str, version: int):
+    # A plain scan returns rows in table order, so the position of a row is its offset for take().
+    keys = _dataset(uri, version).to_table(columns=["source_id", "variant", "split", "class_idx"]).to_pandas()
+    keys["offset"] = np.arange(len(keys), dtype=np.int64)
+    return keys
 
 
 def load_pairs(st: store.Store, *, dataset: str, backbone: str, layer: str, manipulation: str, split: str) -> Pairs:
@@ -62,9 +83,7 @@ def load_pairs(st: store.Store, *, dataset: str, backbone: str, layer: str, mani
     if table is None:
         raise FileNotFoundError(f"no features table for backbone {backbone!r} layer {layer!r} at {uri}: "
                                 f"run `featmap extract` with that backbone and layer first")
-    # A plain scan returns rows in table order, so the position of a row is its offset for take().
-    keys = table.to_table(columns=["source_id", "variant", "split", "class_idx"]).to_pandas()
-    keys["offset"] = np.arange(len(keys), dtype=np.int64)
+    keys = _key_frame(uri, table.version)
     keys = keys[keys["source_id"].isin(dataset_source_ids(st, dataset)) & (keys["split"] == split)]
     originals = keys[keys["variant"] == store.ORIGINAL].set_index("source_id")
     variants = keys[keys["variant"] == manipulation].set_index("source_id")
@@ -72,7 +91,8 @@ def load_pairs(st: store.Store, *, dataset: str, backbone: str, layer: str, mani
     feature_type = table.schema.field("feature").type
     return Pairs(uri, joined.index.tolist(), joined["class_idx"].to_numpy(np.int64),
                  joined["offset"].to_numpy(np.int64), joined["offset_y"].to_numpy(np.int64),
-                 tuple(feature_type.shape), feature_type.value_type.byte_width)
+                 tuple(feature_type.shape), feature_type.value_type.byte_width, table.version,
+                 (table.schema.metadata or {}).get(b"featmap", b"").decode())
 
 
 def _rank(seed: int, source_id: str) -> str:
@@ -97,30 +117,80 @@ def train_val_split(pairs: Pairs, val_fraction: float, seed: int) -> tuple[Pairs
     return pairs.subset(np.sort(order[n_val:])), pairs.subset(np.sort(order[:n_val]))
 
 
-def read_features(uri: str, offsets: np.ndarray) -> np.ndarray:
-    """The (N, C, H, W) feature maps at these row offsets of a features table, in that order."""
+def read_features(uri: str, offsets: np.ndarray, version: int | None = None) -> np.ndarray:
+    """The (N, C, H, W) feature maps at these row offsets of a features table (at `version`,
+    default the latest), in that order."""
+    table = _dataset(uri, version) if version is not None else store.open_table(uri)
+    return store.tensor_numpy(table.take(np.asarray(offsets), columns=["feature"])["feature"])
+
+
+@functools.lru_cache(maxsize=16)
+def _dataset(uri: str, version: int):
+    """An open Lance dataset per table version and process: opening reads the manifest, take() does not."""
     import lance
 
-    return store.tensor_numpy(lance.dataset(uri).take(np.asarray(offsets), columns=["feature"])["feature"])
+    return lance.dataset(uri, version=version)
 
 
-def _take_pairs(batch: pa.Table, uri: str) -> dict[str, np.ndarray]:
-    return {"row": batch["row"].to_numpy(), "x": read_features(uri, batch["x_offset"].to_numpy()),
-            "y": read_features(uri, batch["y_offset"].to_numpy())}
+def fingerprint(train: Pairs, val: Pairs) -> str:
+    """What a run is trained and validated on: the features table's provenance (backbone,
+    weights, dtype, shape) and the source images of both splits. Part of a run's digest, so
+    re-extracted features or a changed selection of images means a new model."""
+    payload = json.dumps({"meta": train.table_meta, "shape": list(train.shape), "itemsize": train.itemsize,
+                          "train": train.source_ids, "val": val.source_ids})
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
-def ray_dataset(pairs: Pairs, *, materialize_budget: float = 0.25):
-    """A Ray Dataset of {row, x, y} read from Lance by offset. Cached in the object store when it
-    fits in `materialize_budget` of it, so epochs after the first do not re-read Lance."""
-    import ray
-    import ray.data
+class PairLoader:
+    """One worker's pairs as (rows, x, y) batches of torch tensors, in stored dtype.
 
-    ds = ray.data.from_arrow(pairs.index_table()).map_batches(
-        _take_pairs, fn_kwargs={"uri": pairs.uri}, batch_format="pyarrow", batch_size=64)
-    nbytes = 2 * len(pairs) * int(np.prod(pairs.shape)) * pairs.itemsize
-    if nbytes < materialize_budget * ray.cluster_resources().get("object_store_memory", 0):
-        ds = ds.materialize()
-    return ds
+    The worker's shard is every `world`-th pair. With `shuffle_seed` the shard is permuted every
+    epoch by a generator seeded with (seed, epoch) alone, and cut to len(pairs) // world pairs so
+    every worker takes the same number of steps (DDP); so a batch's content never depends on
+    timing, on other runs trained alongside, or on a restart. Without it (validation) the whole
+    shard is read in order. Shards up to `cache_bytes` are read from Lance once and kept in
+    memory; larger ones are read batch by batch (a background thread reads the next batch while
+    the current one trains).
+    """
+
+    def __init__(self, pairs: Pairs, *, batch_size: int, rank: int = 0, world: int = 1,
+                 shuffle_seed: int | None = None, cache_bytes: int = 0):
+        self.pairs, self.batch_size, self.world, self.shuffle_seed = pairs, batch_size, world, shuffle_seed
+        self.shard = np.arange(rank, len(pairs), world, dtype=np.int64)
+        self.steps_per_epoch = len(pairs) // world if shuffle_seed is not None else len(self.shard)
+        nbytes = 2 * len(self.shard) * int(np.prod(pairs.shape)) * pairs.itemsize
+        self.cache = None
+        if nbytes <= cache_bytes:
+            parts = [pairs.read(chunk) for chunk in np.array_split(self.shard, max(1, len(self.shard) // 256))]
+            self.cache = tuple(torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in (0, 1))
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Positions in the shard, in the order epoch `epoch` reads them."""
+        if self.shuffle_seed is None:
+            return np.arange(len(self.shard))
+        generator = torch.Generator().manual_seed(self.shuffle_seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.shard), generator=generator).numpy()[:self.steps_per_epoch]
+
+    def _read(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = self.shard[positions]
+        if self.cache is not None:
+            index = torch.from_numpy(positions)
+            return torch.from_numpy(rows), self.cache[0][index], self.cache[1][index]
+        x, y = self.pairs.read(rows)  # read-only views of Arrow buffers: copied, as torch wants writable memory
+        return torch.from_numpy(rows), torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+
+    def batches(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = self.order(epoch)
+        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.cache is not None:
+            yield from (self._read(c) for c in chunks)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:  # Lance reads release the GIL
+            pending = pool.submit(self._read, chunks[0]) if chunks else None
+            for i in range(len(chunks)):
+                batch = pending.result()
+                pending = pool.submit(self._read, chunks[i + 1]) if i + 1 < len(chunks) else None
+                yield batch
 
 
 # -- normalisation statistics ---------------------------------------------------------------------

@@ -54,9 +54,37 @@ class RunSpec:
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
         return cls(**data)
 
-    def digest(self) -> str:
-        """Changes when anything that shapes the trained model changes (hyper-parameters included)."""
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    @property
+    def data_key(self) -> tuple[str, str, str, str]:
+        """(dataset, backbone, layer, manipulation): runs with the same key read the same pairs."""
+        return self.dataset, self.backbone, self.layer, self.manipulation
+
+
+# Bumped when the training procedure changes in a way that changes models, so old runs re-train.
+TRAINING_REVISION = 2
+
+
+def run_digest(spec: RunSpec, *, training: dict[str, Any], loss_options: dict[str, dict[str, Any]],
+               num_workers: int, data: str, norm: dict | None) -> str:
+    """The identity of a trained model: changes when anything that shapes it changes — the spec
+    (family, hyper-parameters, loss weights, apply_transform, normalise), every training setting,
+    the options of the loss terms it uses, the number of DDP workers (the effective batch), the
+    data (`data.fingerprint`: the features' provenance and the train/validation images) and the
+    normalisation statistics. A published run with the same digest is finished; a Ray Train
+    checkpoint of a model is resumed only under the same digest."""
+    payload = {"revision": TRAINING_REVISION, "spec": spec.to_dict(), "training": training,
+               "loss_options": {term: loss_options[term] for term in sorted(spec.loss) if term in loss_options},
+               "num_workers": num_workers, "data": data, "norm": norm and {"mean": norm["mean"], "std": norm["std"]}}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=float).encode()).hexdigest()[:16]
+
+
+def fused_groups(runs: list[RunSpec], max_size: int | None = None) -> list[list[RunSpec]]:
+    """Runs that read the same pairs, together (in grid order), in groups of at most `max_size`."""
+    by_data: dict[tuple[str, str, str, str], list[RunSpec]] = {}
+    for run in runs:
+        by_data.setdefault(run.data_key, []).append(run)
+    size = max_size or max(len(g) for g in by_data.values())
+    return [group[i:i + size] for group in by_data.values() for i in range(0, len(group), size)]
 
 
 def default_groups(cfg: Config) -> dict[str, MappingGroup]:

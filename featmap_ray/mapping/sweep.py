@@ -16,8 +16,7 @@ from typing import Any
 
 from featmap_ray import store, tracking
 from featmap_ray.config import Config, MappingTraining
-from featmap_ray.mapping import grid
-from featmap_ray.mapping.train import fit_run, publish
+from featmap_ray.mapping import grid, train
 
 DOMAINS = ("loguniform", "uniform", "choice", "randint", "grid")
 
@@ -90,6 +89,13 @@ def trial_spec(spec: grid.RunSpec, params: dict[str, Any], trial_id: str) -> tup
     return trial, training
 
 
+def trial_plan(cfg: Config, spec: grid.RunSpec, params: dict[str, Any], trial_id: str) -> train.GroupPlan:
+    """The one-run group a trial trains: its own Ray Train run and folder under the sweep's root."""
+    trial, overrides = trial_spec(spec, params, trial_id)
+    return train.plan_group(cfg, [trial], name=f"{cfg.mapping.study}--sweep--{trial_id}",
+                            training=train.training_settings(cfg, overrides), out_dirs=[sweep_root(cfg) / trial_id])
+
+
 def _trial(params: dict[str, Any], cfg_data: dict[str, Any], spec_data: dict[str, Any], parent: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -98,10 +104,10 @@ def _trial(params: dict[str, Any], cfg_data: dict[str, Any], spec_data: dict[str
 
     runtime.configure_data_context()
     cfg = Config.model_validate(cfg_data)
-    trial_id = tune.get_context().get_trial_id()
-    spec, training = trial_spec(grid.RunSpec.from_dict(spec_data), params, trial_id)
-    fit_run(cfg, spec, training_overrides=training, mlflow_parent=parent, callbacks=[TuneReportCallback()],
-            out_dir=sweep_root(cfg) / trial_id, run_name=f"{cfg.mapping.study}--sweep--{trial_id}")
+    plan = trial_plan(cfg, grid.RunSpec.from_dict(spec_data), params, tune.get_context().get_trial_id())
+    result = train.fit_group(cfg, plan, mlflow_parent=parent, callbacks=[TuneReportCallback()])
+    if result.failed:
+        raise RuntimeError(next(iter(result.failed.values())))
 
 
 def run_sweep(cfg: Config) -> dict[str, Any]:
@@ -115,6 +121,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     spec = base_spec(cfg)
     space = search_space(cfg, spec)
     check_tables(store.Store(cfg.storage), [spec])
+    train.plan_group(cfg, [spec], name="check")  # the pairs exist; normalisation statistics computed once, here
     sw = cfg.mapping.sweep
     parent = tracking.study_run(cfg, "sweep")
     trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)),
@@ -128,19 +135,19 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
                                     grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)),
         run_config=tune_run_config(cfg, "sweep"),
     )
-    grid = tuner.fit()
-    best = grid.get_best_result(metric="val_loss", mode="min", scope="all")
+    results = tuner.fit()
+    best = results.get_best_result(metric="val_loss", mode="min", scope="all")
     if best is None or best.metrics is None:
-        raise RuntimeError(f"sweep {cfg.mapping.study}: no trial reported a validation loss ({grid.num_errors} errors)")
+        raise RuntimeError(f"sweep {cfg.mapping.study}: no trial reported a validation loss "
+                           f"({results.num_errors} errors)")
     trial_id = best.metrics["trial_id"]
-    trial, _ = trial_spec(spec, best.config, trial_id)
     best_dir = sweep_root(cfg) / "best"
     # The trial's last Ray Train checkpoint holds its best epoch, also when ASHA stopped it early.
-    with ray.train.Checkpoint(best.metrics["checkpoint_path"]).as_directory() as checkpoint_dir:
-        publish(checkpoint_dir, trial, best_dir, sweep_config=best.config)
-    summary = {"best_trial": trial_id, "best_val_loss": float(best.metrics["val_loss"]), "best_config": best.config,
-               "trials": len(grid), "errors": grid.num_errors, "dir": str(best_dir)}
+    train.publish_from_checkpoint(ray.train.Checkpoint(best.metrics["checkpoint_path"]),
+                                  trial_plan(cfg, spec, best.config, trial_id), best_dir, cfg.mapping.loss_options)
+    summary = {"best_trial": trial_id, "best_val_loss": float(best.metrics["best_val_loss"]),
+               "best_config": best.config, "trials": len(results), "errors": results.num_errors, "dir": str(best_dir)}
     (sweep_root(cfg) / "best.json").write_text(json.dumps(summary, indent=1, default=str))
-    tracking.end_study_run(cfg, parent, {"best_val_loss": summary["best_val_loss"], "trials": len(grid),
-                                         "errors": grid.num_errors})
+    tracking.end_study_run(cfg, parent, {"best_val_loss": summary["best_val_loss"], "trials": len(results),
+                                         "errors": results.num_errors})
     return summary

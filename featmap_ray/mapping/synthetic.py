@@ -39,13 +39,13 @@ def read_pairs(root: str, manipulation: str, split: str = "train", dataset: str 
 
     st = store.Store(root)
     pairs = data.load_pairs(st, dataset=dataset, backbone=BACKBONE, layer=LAYER, manipulation=manipulation, split=split)
-    x, y = data.read_features(pairs.uri, pairs.x_offsets), data.read_features(pairs.uri, pairs.y_offsets)
+    x, y = pairs.read(np.arange(len(pairs)))
     return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())  # Arrow buffers are read-only
 
 
 def write_tables(root: str, *, dataset: str = "t", n_train: int = 48, n_test: int = 16, shape=(8, 3, 3),
                  manipulations: dict | None = None, seed: int = 0, dtype: str = "float32",
-                 nan_source: str | None = None) -> dict[str, np.ndarray]:
+                 nan_key: tuple[str, str] | None = None) -> dict[str, np.ndarray]:
     """Images rows (no pixels) and a features table for (BACKBONE, LAYER); returns the originals."""
     rng = np.random.default_rng(seed)
     manipulations = manipulations or {"hue_shift_60": affine_manipulation(shape[0]),
@@ -57,8 +57,8 @@ def write_tables(root: str, *, dataset: str = "t", n_train: int = 48, n_test: in
     classes = (np.arange(n) % 3).astype(np.int32)
     x = (2.0 + 1.5 * rng.standard_normal((n, *shape))).astype(np.float32)
     variants = {store.ORIGINAL: x, **{m: fn(x).astype(np.float32) for m, fn in manipulations.items()}}
-    if nan_source is not None:
-        variants[store.ORIGINAL][ids.index(nan_source), 0, 0, 0] = np.nan
+    if nan_key is not None:  # (source_id, variant) whose stored map gets a NaN
+        variants[nan_key[1]][ids.index(nan_key[0]), 0, 0, 0] = np.nan
 
     image_rows = [{"source_id": s, "variant": v, "dataset": dataset, "split": sp, "class_idx": int(c),
                    "class_name": f"c{c}", "family": FAMILIES.get(v, "photometric"), "params": "{}",
