@@ -43,10 +43,6 @@ class NonFiniteError(FloatingPointError):
     """NaN or Inf in a training input, prediction or loss; the message names where."""
 
 
-def _no_reduce(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 class Member:
     """One model of a group: its run, model, optimiser, schedule, random stream and history."""
 
@@ -172,9 +168,10 @@ class GroupFit:
     member's inner model into what training calls (DDP on several workers)."""
 
     def __init__(self, members: list[Member], train: PairLoader, val: PairLoader, device: torch.device, *,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduce,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  wrap: Callable[[nn.Module], nn.Module] | None = None, state: dict[str, Any] | None = None):
-        self.members, self.train, self.val, self.device, self.reduce = members, train, val, device, reduce
+        self.members, self.train, self.val, self.device = members, train, val, device
+        self.reduce = reduce or (lambda t: t)
         state = state or {}
         # Per-channel means of the raw training inputs and targets (what a rank-k truncation of a
         # linear map falls back to) and the baselines' validation scores: measured in the first pass.

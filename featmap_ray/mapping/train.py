@@ -169,7 +169,7 @@ def train_group(config: dict[str, Any]) -> None:
                         cache_bytes=cache),
         data.PairLoader(plan.val, batch_size=stream.batch_size, rank=rank, world=world, cache_bytes=cache),
         device,
-        reduce=(lambda t: _all_reduce(t, device)) if world > 1 else loop._no_reduce,
+        reduce=(lambda t: _all_reduce(t, device)) if world > 1 else None,
         wrap=ray.train.torch.prepare_model if world > 1 else None,
         state=state["fit"])
     recorder = _Recorder(config, plan) if rank == 0 else None
