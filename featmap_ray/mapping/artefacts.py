@@ -99,6 +99,19 @@ def publish(out_dir: str | Path, model: NormalisedMap, info: dict[str, Any]) -> 
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE))
     (tmp / RUN_FILE).write_text(json.dumps(info, indent=1, default=float))
+    _replace(tmp, out_dir)
+
+
+def copy_run(source: str | Path, out_dir: str | Path) -> None:
+    """A published run, copied as a whole to `out_dir` (atomically, like `publish`)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
+    shutil.copytree(source, tmp, dirs_exist_ok=True)
+    _replace(tmp, out_dir)
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -115,6 +115,10 @@ class Member:
 
     # -- resumable state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """What resumes this model exactly. A stopped model has been published (its weights live in
+        its run folder), so only the fact is kept: checkpoints stay the size of the models in training."""
+        if self.status == "stopped":
+            return {"digest": self.digest, "status": self.status}
         return {"digest": self.digest, "model": _cpu(self.model.state_dict()), "best_state": self.best_state,
                 "optimiser": self.optimiser.state_dict() if self.optimiser else None,
                 "plateau": self.plateau.state_dict() if self.plateau else None,
@@ -126,6 +130,9 @@ class Member:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["digest"] != self.digest:
             raise ValueError(f"run {self.key}: checkpoint of another model (digest {state['digest']} != {self.digest})")
+        if state["status"] == "stopped":
+            self.status = "stopped"
+            return
         self.model.load_state_dict(state["model"])
         if self.optimiser:
             self.optimiser.load_state_dict(state["optimiser"])

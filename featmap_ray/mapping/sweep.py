@@ -16,7 +16,7 @@ from typing import Any
 
 from featmap_ray import store, tracking
 from featmap_ray.config import Config, MappingTraining
-from featmap_ray.mapping import grid, train
+from featmap_ray.mapping import artefacts, grid, train
 
 DOMAINS = ("loguniform", "uniform", "choice", "randint", "grid")
 
@@ -142,9 +142,11 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
                            f"({results.num_errors} errors)")
     trial_id = best.metrics["trial_id"]
     best_dir = sweep_root(cfg) / "best"
+    plan = trial_plan(cfg, spec, best.config, trial_id)
     # The trial's last Ray Train checkpoint holds its best epoch, also when ASHA stopped it early.
-    train.publish_from_checkpoint(ray.train.Checkpoint(best.metrics["checkpoint_path"]),
-                                  trial_plan(cfg, spec, best.config, trial_id), best_dir, cfg.mapping.loss_options)
+    train.publish_from_checkpoint(ray.train.Checkpoint(best.metrics["checkpoint_path"]), plan,
+                                  cfg.mapping.loss_options)
+    artefacts.copy_run(plan.runs[0].out_dir, best_dir)
     summary = {"best_trial": trial_id, "best_val_loss": float(best.metrics["best_val_loss"]),
                "best_config": best.config, "trials": len(results), "errors": results.num_errors, "dir": str(best_dir)}
     (sweep_root(cfg) / "best.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -302,14 +302,17 @@ def fit_group(cfg: Config, plan: GroupPlan, *, mlflow_parent: str | None = None,
     return outcome
 
 
-def publish_from_checkpoint(checkpoint, plan: GroupPlan, out_dir: str | Path, loss_options: dict) -> None:
-    """Publish the best epoch of a one-run group from its checkpoint to `out_dir` (a sweep trial
-    that ASHA stopped early never published its model itself)."""
+def publish_from_checkpoint(checkpoint, plan: GroupPlan, loss_options: dict) -> None:
+    """Publish the best epoch of a one-run group that was stopped from outside (a sweep trial that
+    ASHA ended early) from its last checkpoint to the run's folder; a run that finished itself has
+    published already."""
     from featmap_ray.mapping import loop
 
     [run] = plan.runs
+    if (artefacts.read_info(run.out_dir) or {}).get("digest") == run.digest:
+        return
     state = _restore(checkpoint)
     member = loop.Member(run.spec, run.digest, run.training, shape=plan.train.shape, norm=run.norm,
                          loss_options=loss_options, device=torch.device("cpu"))
     member.load_state_dict(state["members"][run.digest])
-    _Recorder({"tracking_uri": None}, plan).publish(member, state["fit"], out_dir)
+    _Recorder({"tracking_uri": None}, plan).publish(member, state["fit"], run.out_dir)
