@@ -400,3 +400,10 @@ def test_two_workers_sum_their_shards(tmp_path, ray_session, single_torch_thread
     np.testing.assert_allclose(info["train_means"]["x"], fitted.train_means["x"], rtol=1e-9)
     assert info["best"]["val_loss"] == pytest.approx(member.best["val_loss"], rel=1e-5)
     assert len(runs["linear"][2]["history"]) == 2
+
+
+def test_group_drivers_ask_for_the_configured_resources(tmp_path):
+    from featmap_ray.mapping import fit
+
+    cfg = study_config(tmp_path, resources={"driver_cpus": 0.25, "driver_resources": {"head": 0.01}})
+    assert fit.trial_resources(cfg) == {"cpu": 0.25, "head": 0.01}
