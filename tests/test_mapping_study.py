@@ -407,3 +407,20 @@ def test_group_drivers_ask_for_the_configured_resources(tmp_path):
 
     cfg = study_config(tmp_path, resources={"driver_cpus": 0.25, "driver_resources": {"head": 0.01}})
     assert fit.trial_resources(cfg) == {"cpu": 0.25, "head": 0.01}
+
+
+def test_runs_reading_the_same_pairs_form_groups_of_at_most_models_per_group():
+    from featmap_ray.mapping import grid
+
+    cfg = study_config(Path("/nonexistent"), datasets={"t": {
+        "a": {"manipulations": ["hue_shift_60", "grayscale"], "models": ["linear", "ridge", "mlp"]},
+        "b": {"manipulations": ["hue_shift_60"], "models": ["cnn"]}}})
+    runs = grid.expand(cfg)
+    groups = grid.fused_groups(runs)
+    assert sorted(len(g) for g in groups) == [3, 4]  # hue_shift_60: 3 + cnn of group b; grayscale: 3
+    assert all(len({r.data_key for r in g}) == 1 for g in groups)
+    split = grid.fused_groups(runs, 2)
+    assert sorted(len(g) for g in split) == [1, 2, 2, 2] and sum(map(len, split)) == len(runs)
+    keys = [g[0].data_key for g in split]
+    assert keys == sorted(keys, key=keys.index)  # a data key's groups are adjacent (plan_study numbers them)
+    assert len(set(keys)) == 2

@@ -77,8 +77,7 @@ def _test_tensors(cfg: Config, dataset: str, backbone: str, layer: str, manipula
     if len(pairs) == 0:
         raise ValueError(f"no {cfg.evaluate.split} pairs (original + {manipulation!r}) of {dataset!r} in {pairs.uri}")
     pairs = data.sample(pairs, cfg.evaluate.max_pairs, cfg.evaluate.seed)
-    x = data.read_features(pairs.uri, pairs.x_offsets).astype(np.float32)
-    y = data.read_features(pairs.uri, pairs.y_offsets).astype(np.float32)
+    x, y = (a.astype(np.float32) for a in pairs.read(np.arange(len(pairs))))
     for name, t in (("original", x), ("manipulated", y)):
         if not np.isfinite(t).all():
             raise ValueError(f"non-finite values in the {cfg.evaluate.split} {name} feature maps of {backbone}/{layer}")

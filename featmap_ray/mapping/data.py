@@ -117,11 +117,10 @@ def train_val_split(pairs: Pairs, val_fraction: float, seed: int) -> tuple[Pairs
     return pairs.subset(np.sort(order[n_val:])), pairs.subset(np.sort(order[:n_val]))
 
 
-def read_features(uri: str, offsets: np.ndarray, version: int | None = None) -> np.ndarray:
-    """The (N, C, H, W) feature maps at these row offsets of a features table (at `version`,
-    default the latest), in that order."""
-    table = _dataset(uri, version) if version is not None else store.open_table(uri)
-    return store.tensor_numpy(table.take(np.asarray(offsets), columns=["feature"])["feature"])
+def read_features(uri: str, offsets: np.ndarray, version: int) -> np.ndarray:
+    """The (N, C, H, W) feature maps at these row offsets of version `version` of a features
+    table, in that order."""
+    return store.tensor_numpy(_dataset(uri, version).take(np.asarray(offsets), columns=["feature"])["feature"])
 
 
 @functools.lru_cache(maxsize=16)

@@ -12,6 +12,7 @@ is finished and skipped, so re-running a study after a crash trains only what is
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -104,25 +105,20 @@ def plan_study(cfg: Config, runs: list[grid.RunSpec]) -> tuple[list[train.GroupP
     data key, pending or not, so a group keeps its name (and its checkpoints) across re-runs."""
     plans, done, norm_cache = [], [], {}
     suffix = train.refit_suffix() if cfg.mapping.refit else ""
-    chunks = grid.fused_groups(runs, cfg.mapping.resources.models_per_group)
-    per_key: dict[tuple, int] = {}
-    for chunk in chunks:
-        per_key[chunk[0].data_key] = per_key.get(chunk[0].data_key, 0) + 1
-    seen: dict[tuple, int] = {}
-    for chunk in chunks:
-        key = chunk[0].data_key
-        part = seen.get(key) if per_key[key] > 1 else None
-        seen[key] = seen.get(key, 0) + 1
-        plan = train.plan_group(cfg, chunk, part=part, norm_cache=norm_cache)
-        plan.name += suffix
-        pending = []
-        for run in plan.runs:
-            published = artefacts.read_info(run.out_dir) or {}
-            finished = published.get("digest") == run.digest and not cfg.mapping.refit
-            (done.append(run.key) if finished else pending.append(run))
-        if pending:
-            plan.runs = pending
-            plans.append(plan)
+    chunks = grid.fused_groups(runs, cfg.mapping.resources.models_per_group)  # a data key's chunks are adjacent
+    for _, same_data in itertools.groupby(chunks, key=lambda chunk: chunk[0].data_key):
+        same_data = list(same_data)
+        for part, chunk in enumerate(same_data):
+            plan = train.plan_group(cfg, chunk, part=part if len(same_data) > 1 else None, norm_cache=norm_cache)
+            plan.name += suffix
+            pending = []
+            for run in plan.runs:
+                published = artefacts.read_info(run.out_dir) or {}
+                finished = published.get("digest") == run.digest and not cfg.mapping.refit
+                (done.append(run.key) if finished else pending.append(run))
+            if pending:
+                plan.runs = pending
+                plans.append(plan)
     return plans, done
 
 

@@ -83,8 +83,8 @@ def fused_groups(runs: list[RunSpec], max_size: int | None = None) -> list[list[
     by_data: dict[tuple[str, str, str, str], list[RunSpec]] = {}
     for run in runs:
         by_data.setdefault(run.data_key, []).append(run)
-    size = max_size or max(len(g) for g in by_data.values())
-    return [group[i:i + size] for group in by_data.values() for i in range(0, len(group), size)]
+    return [group[i:i + (max_size or len(group))] for group in by_data.values()
+            for i in range(0, len(group), max_size or len(group))]
 
 
 def default_groups(cfg: Config) -> dict[str, MappingGroup]:
