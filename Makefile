@@ -2,6 +2,10 @@
 # `make test` (set up, then run the test suite). Setup creates .venv when missing.
 PY := .venv/bin/python
 STAMP := .venv/.installed
+# moto's S3 server for the loopback cluster test (tests/test_cluster_loopback.py), in a venv of its own:
+# moto[server] pulls graphql-core 3.3, which conflicts with MLflow's graphene pin.
+MOTO_VERSION := 5.2.5
+MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
 
 .PHONY: setup demo test benchmark clean
 
@@ -12,7 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(MOTO_STAMP):
+	test -x .tools/moto/bin/python || python3 -m venv .tools/moto
+	.tools/moto/bin/pip install -q "moto[server]==$(MOTO_VERSION)"
+	touch $(MOTO_STAMP)
+
+setup: $(STAMP) $(MOTO_STAMP)
 
 demo: setup
 	.venv/bin/featmap pipeline --config conf/demo.yaml
@@ -25,6 +34,7 @@ benchmark: setup
 	$(PY) benchmarks/extract_throughput.py
 	$(PY) benchmarks/mapping_throughput.py
 	$(PY) benchmarks/featinv_sampling.py
+	$(PY) benchmarks/capacity.py
 
 clean:
 	rm -rf featmap_data .pytest_cache

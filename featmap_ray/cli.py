@@ -138,13 +138,23 @@ def featinv_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_inputs(cfg: Config, name: str) -> list:
+    """What a pipeline stage reads, for its MLflow run's inputs: the dataset folder (ingest), the
+    images table at its current version (manipulate, extract)."""
+    from featmap_ray import tracking
+
+    if name == "ingest":
+        return [tracking.TableInput(cfg.dataset.name, cfg.dataset.root)]
+    return tracking.table_inputs(cfg, [store.Store(cfg.storage).images_uri])
+
+
 def run_stage(cfg: Config, name: str) -> list[store.StageSummary]:
-    """One stage inside its own MLflow run, with the summary as metrics."""
+    """One stage inside its own MLflow run, with the summary as metrics and what it read as inputs."""
     import mlflow
 
     from featmap_ray import tracking
 
-    with tracking.stage_run(cfg, name):
+    with tracking.stage_run(cfg, name, _stage_inputs(cfg, name)):
         summaries = STAGES[name](cfg)
         for s in summaries:
             mlflow.log_metrics({f"{s.stage}.written": sum(s.written.values()), f"{s.stage}.skipped": s.skipped,
@@ -170,8 +180,15 @@ def describe(cfg: Config) -> str:
     lines += [
         "look at them:",
         f"  python -c \"import lance; print(lance.dataset('{st.images_uri}').to_table(columns=['source_id','variant','class_name']).to_pandas())\"",
-        f"  mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}",
     ]
+    if (command := tracking.ui_command(cfg)) is not None:
+        lines.append(f"  {command}")
+    try:
+        exp = tracking.find_experiment_id(cfg)  # creates nothing
+        lines.append(f"  MLflow runs: {tracking.runs_page_url(cfg, exp)}" if exp is not None else
+                     f"  MLflow runs: {tracking.ui_base(cfg)} (no experiment {cfg.mlflow.experiment!r} yet)")
+    except RuntimeError as e:  # an unreachable server: the rest of the answer still stands
+        lines.append(f"  MLflow runs: {tracking.ui_base(cfg)} ({e})")
     return "\n".join(lines)
 
 
@@ -307,7 +324,7 @@ COMMANDS: dict[str, Command] = {
     "featinv-import": Command("convert a FeatInv research-code checkpoint into diffusers folders",
                               "Reads no config: its arguments are paths."),
     "info": Command("tables, row counts and how to look at them (starts no Ray)",
-                    keys=("storage", "extract.backbones", "mlflow.tracking_uri")),
+                    keys=("storage", "extract.backbones", "mlflow")),
 }
 
 
@@ -430,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in STUDY or name == "study":
             for step in ["fit", "evaluate", "analyze", "report"] if name == "study" else [name]:
                 print(STUDY[step](cfg), flush=True)
+            from featmap_ray import tracking
+
+            print(tracking.runs_page_line(cfg), flush=True)
             return 0
         summaries = []
         for stage in PIPELINE if name == "pipeline" else [name]:

@@ -33,8 +33,27 @@ class RayConfig(_Strict):
 
 
 class MlflowConfig(_Strict):
-    tracking_uri: str | None = None  # None: sqlite:///<storage>/mlflow.db
+    # None: sqlite:///<storage>/mlflow.db for a local storage root. An object-store root needs one:
+    # an MLflow server (http://HOST:5000, for a cluster) or an absolute SQLite file (sqlite:////abs/mlflow.db).
+    tracking_uri: str | None = None
     experiment: str = "featmap"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _absolute_sqlite(cls, uri: str | None) -> str | None:
+        # A relative SQLite file would move with the CWD (Ray Tune trials and jobs change it).
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
+        return uri
+
+    def check_storage(self, storage: str) -> None:
+        """An object-store storage root has no default tracking URI: SQLite cannot live in a bucket."""
+        if self.tracking_uri is None and "://" in storage:
+            raise ValueError(
+                f"mlflow.tracking_uri must be set when storage is an object store ({storage}): MLflow's default "
+                "SQLite database cannot live there. Set mlflow.tracking_uri=http://HOST:5000 (an MLflow server "
+                "every node reaches, for a cluster; README: MLflow) or mlflow.tracking_uri=sqlite:////abs/path/"
+                "mlflow.db (one machine)")
 
 
 class DatasetConfig(_Strict):
@@ -290,6 +309,11 @@ class Config(_Strict):
         # Resolved once, here: Ray Tune trials and job working dirs change the process CWD.
         if "://" not in self.storage:
             self.storage = str(Path(self.storage).expanduser().resolve())
+        return self
+
+    @model_validator(mode="after")
+    def _mlflow_store_for_the_storage(self) -> Config:
+        self.mlflow.check_storage(self.storage)
         return self
 
     @model_validator(mode="after")

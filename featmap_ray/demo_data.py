@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from featmap_ray.storage import Location
+
 # class -> photo files inside the scikit-image package (skimage/data/)
 PHOTOS = {
     "animal": ["chelsea.png"],
@@ -36,18 +38,22 @@ def _views(arr: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
 
 
 def materialize(root: str) -> str:
-    """Write the photos under `root` (once; existing files are kept) and return `root`."""
+    """Write the photos under `root`, a local folder or an object-store URI (once; existing files
+    are kept), and return `root`."""
+    import io
+
     import skimage.data
 
+    base = Location(root)
     package_data = Path(skimage.data.__file__).parent
     for cls, files in PHOTOS.items():
         for file in files:
             name = Path(file).stem
-            if Path(root, "images", "train", cls, f"{name}_full.png").exists():
+            if (base / "images" / "train" / cls / f"{name}_full.png").exists():
                 continue
             photo = np.asarray(Image.open(package_data / file))
             for split, view, pixels in _views(photo):
-                path = Path(root, "images", split, cls, f"{name}_{view}.png")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(np.ascontiguousarray(pixels)).save(path)
+                png = io.BytesIO()
+                Image.fromarray(np.ascontiguousarray(pixels)).save(png, format="PNG")
+                (base / "images" / split / cls / f"{name}_{view}.png").write_bytes(png.getvalue())
     return root

@@ -7,10 +7,12 @@ Layout under one storage root (a local folder or an object-store URI):
     errors.lance                      what failed and why, key (stage, key)
     reconstructions/<backbone>/<layer>.lance  FeatInv images of feature maps, key (source_id, variant, generator, seed)
 
-Stages write through `KeyedLanceSink`, a Ray Data datasink whose every write task writes its rows
-as Lance fragments and commits them at once (Lance appends from many writers do not conflict).
-A table therefore only ever holds complete rows; a killed job leaves the rows it committed, and
-re-running the stage skips those keys, so nothing is written twice.
+Stages write through `KeyedLanceSink`, a Ray Data datasink whose every write task inserts its rows
+with one Lance `merge_insert` commit that skips keys already stored. A table's key columns are its
+(unenforced) primary key, so Lance's commit detects two writers inserting the same key at once
+(two jobs on overlapping inputs, a retried task): the later commit is retried against the earlier
+one's rows, and every key ends with exactly one row. A table only ever holds complete rows; a
+killed job leaves the rows it committed, and re-running the stage skips those keys.
 """
 
 from __future__ import annotations
@@ -30,11 +32,20 @@ from ray.data.block import BlockAccessor
 
 KEY = ("source_id", "variant")
 ORIGINAL = "original"  # the variant name of the resized, unmanipulated image
+# Field metadata that makes key columns a table's primary key: Lance then checks concurrent
+# merge_inserts for keys inserted twice (without it, both commits succeed and duplicate the key).
+PRIMARY_KEY = {"lance-schema:unenforced-primary-key": "true"}
+# How often a merge_insert that lost a race is redone against the newer table version.
+COMMIT_RETRIES = 50
+
+
+def key_field(name: str) -> pa.Field:
+    return pa.field(name, pa.string(), nullable=False, metadata=PRIMARY_KEY)
 
 IMAGES_SCHEMA = pa.schema(
     [
-        pa.field("source_id", pa.string(), nullable=False),
-        pa.field("variant", pa.string(), nullable=False),  # "original" or a manipulation name
+        key_field("source_id"),
+        key_field("variant"),  # "original" or a manipulation name
         pa.field("dataset", pa.string()),
         pa.field("split", pa.string()),
         pa.field("class_idx", pa.int32()),
@@ -51,8 +62,8 @@ IMAGES_SCHEMA = pa.schema(
 
 ERRORS_SCHEMA = pa.schema(
     [
-        pa.field("stage", pa.string(), nullable=False),
-        pa.field("key", pa.string(), nullable=False),
+        key_field("stage"),
+        key_field("key"),
         pa.field("source_id", pa.string()),
         pa.field("variant", pa.string()),
         pa.field("path", pa.string()),
@@ -69,10 +80,10 @@ def reconstructions_schema(metadata: dict[str, Any]) -> pa.Schema:
     """Schema of a reconstructions table; `metadata` records the FeatInv model and sampling settings."""
     return pa.schema(
         [
-            pa.field("source_id", pa.string(), nullable=False),
-            pa.field("variant", pa.string(), nullable=False),
-            pa.field("generator", pa.string(), nullable=False),  # what produced the map: "extracted" or a mapping
-            pa.field("seed", pa.int64(), nullable=False),  # of the initial latent
+            key_field("source_id"),
+            key_field("variant"),
+            key_field("generator"),  # what produced the map: "extracted" or a mapping
+            pa.field("seed", pa.int64(), nullable=False, metadata=PRIMARY_KEY),  # of the initial latent
             pa.field("split", pa.string()),
             pa.field("class_idx", pa.int32()),
             pa.field("image", pa.binary()),  # PNG of the reconstruction
@@ -96,8 +107,8 @@ def feature_schema(shape: Sequence[int], dtype: str, metadata: dict[str, Any]) -
     value_type = {"float16": pa.float16(), "float32": pa.float32()}[dtype]
     return pa.schema(
         [
-            pa.field("source_id", pa.string(), nullable=False),
-            pa.field("variant", pa.string(), nullable=False),
+            key_field("source_id"),
+            key_field("variant"),
             pa.field("split", pa.string()),
             pa.field("class_idx", pa.int32()),
             pa.field("feature", pa.fixed_shape_tensor(value_type, list(shape))),
@@ -141,11 +152,22 @@ def open_table(uri: str) -> lance.LanceDataset | None:
 
 
 def ensure_table(uri: str, schema: pa.Schema) -> None:
-    """Create an empty table with `schema`, or check that an existing one matches it."""
-    if open_table(uri) is None:
-        lance.write_dataset(schema.empty_table(), uri, schema=schema, mode="create")
-    else:
-        check_schema(uri, schema)
+    """Create an empty table with `schema`, or check that an existing one matches it (and mark its
+    key columns as the primary key if an older version of this project created it without)."""
+    ds = open_table(uri)
+    if ds is None:
+        try:
+            lance.write_dataset(schema.empty_table(), uri, schema=schema, mode="create")
+            return
+        except OSError:  # created by a concurrent writer in the meantime
+            ds = open_table(uri)
+            if ds is None:
+                raise
+    check_schema(uri, schema)
+    unmarked = {f.name: PRIMARY_KEY for f in schema if f.metadata and f.metadata.get(b"lance-schema:unenforced-primary-key")
+                and not (ds.schema.field(f.name).metadata or {}).get(b"lance-schema:unenforced-primary-key")}
+    if unmarked:
+        ds.update_field_metadata(unmarked)
 
 
 def check_schema(uri: str, schema: pa.Schema) -> None:
@@ -263,20 +285,14 @@ def _keys(table: pa.Table, key: tuple[str, ...] = KEY) -> list[tuple]:
 
 
 def commit_new_rows(uri: str, table: pa.Table, key: tuple[str, ...] = KEY) -> int:
-    """Append the rows whose keys the table does not hold yet, as one commit; returns their number.
+    """Insert the rows whose keys the table does not hold yet, as one commit; returns their number.
 
-    Checking at commit time (not only when the stage starts) keeps a retried write task or a
-    second concurrent run of the same stage from adding duplicates."""
-    ds = lance.dataset(uri)
-    ids = sorted(set(table["source_id"].to_pylist()))
-    stored = set(_keys(ds.to_table(columns=list(key), filter=f"source_id IN ({sql_list(ids)})"), key))
-    if stored:
-        table = table.filter(pa.array([k not in stored for k in _keys(table, key)], type=pa.bool_()))
-    if table.num_rows:
-        fragments = lance.fragment.write_fragments(table, uri, schema=table.schema)
-        # commit() rebases on concurrent appends (they never conflict) and retries by itself.
-        lance.LanceDataset.commit(uri, lance.LanceOperation.Append(fragments), read_version=ds.version)
-    return table.num_rows
+    Deciding at commit time (not only when the stage starts) keeps a retried write task or a
+    concurrent run of the same stage from adding duplicates: with the key as the table's primary
+    key, a commit that races another inserting the same key fails and is redone (see module doc)."""
+    result = (lance.dataset(uri).merge_insert(list(key)).when_not_matched_insert_all()
+              .conflict_retries(COMMIT_RETRIES).execute(table))
+    return int(result["num_inserted_rows"])
 
 
 class KeyedLanceSink(Datasink):

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests import ray_cluster
+
 # No hub access in tests: a pretrained request must fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+# The S3 API server on loopback that the object-store tests use (started by `s3_server`), named
+# through the standard AWS variables as a user's object store is: set now, before any Ray
+# process starts, so that every Ray worker of the session inherits them. Tests never reach AWS.
+# (Test modules import this file a second time as tests.conftest: the endpoint is chosen once.)
+S3_ENDPOINT = os.environ.setdefault("FEATMAP_TEST_S3_ENDPOINT", f"http://127.0.0.1:{ray_cluster.free_ports(1)[0]}")
+os.environ.update(ray_cluster.s3_env(S3_ENDPOINT), AWS_EC2_METADATA_DISABLED="true")
 
 # Random-weight variants of the registered architectures (same classes, smaller widths/depths).
 TINY_BACKBONES = {
@@ -51,6 +61,24 @@ def ray_session():
     runtime.configure_data_context()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on loopback at S3_ENDPOINT, once per session, stopped by its PID."""
+    server, endpoint = ray_cluster.start_moto(tmp_path_factory.mktemp("moto"), port=int(S3_ENDPOINT.rsplit(":", 1)[1]))
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the loopback S3 server: its s3:// URI."""
+    import boto3
+
+    name = f"featmap-{secrets.token_hex(4)}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
 
 
 def make_config(storage: Path, root: Path | str, **sections):

@@ -19,7 +19,8 @@ def test_demo_config_loads_and_resolves_storage():
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    cfg = load_config(_write(tmp_path, BASE), ["extract.batch_size=8", "dataset.classes=[a, b]", "storage=s3://b/x"])
+    cfg = load_config(_write(tmp_path, BASE), ["extract.batch_size=8", "dataset.classes=[a, b]", "storage=s3://b/x",
+                                               "mlflow.tracking_uri=http://mlflow:5000"])
     assert cfg.extract.batch_size == 8 and cfg.dataset.classes == ["a", "b"] and cfg.storage == "s3://b/x"
 
 

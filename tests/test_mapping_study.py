@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import lance
 import numpy as np
 import pytest
-import yaml
 
 from featmap_ray.config import Config
 from featmap_ray.mapping import synthetic as mt
@@ -111,8 +111,10 @@ def test_mlflow_records_nested_runs_with_tags_metrics_and_artefacts(fitted_study
 
     cfg, _ = fitted_study
     runs = _mlflow_runs(cfg)
-    parent = runs[runs["tags.mlflow.runName"] == "s:fit"]
+    parent = runs[runs["tags.mlflow.runName"] == "s:fit"]  # the fit stage run, under the study's run
     assert len(parent) == 1
+    study = runs[runs["tags.mlflow.runName"] == "s"]
+    assert len(study) == 1 and parent["tags.mlflow.parentRunId"].iloc[0] == study["run_id"].iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]]
     assert len(children) == 3 and set(children["status"]) == {"FINISHED"}
     assert set(children["tags.model"]) == {"linear", "ridge"}
@@ -123,6 +125,12 @@ def test_mlflow_records_nested_runs_with_tags_metrics_and_artefacts(fitted_study
     assert len(history) == cfg.mapping.training.max_epochs  # one point per epoch
     names = {f.path for f in client.list_artifacts(linear["run_id"], "mapping")}
     assert {"mapping/model.safetensors", "mapping/run.json"} <= names
+    # The features table the runs read, as a dataset input: its URI and the Lance version read.
+    uri = f"{cfg.storage}/features/convnext_base/stage3.lance"
+    for run_id in (parent["run_id"].iloc[0], linear["run_id"]):
+        [read] = client.get_run(run_id).inputs.dataset_inputs
+        assert read.dataset.name == "features/convnext_base/stage3" and uri in read.dataset.source
+        assert read.dataset.digest == str(lance.dataset(uri).version)
 
 
 def test_evaluate_scores_runs_and_baselines(fitted_study):
@@ -164,6 +172,22 @@ def test_analyze_and_report(fitted_study):
     pngs = list(summary.parent.glob("*.png"))
     assert summary.exists() and len(pngs) >= 4
     assert "cos_median_upper" in summary.read_text()
+
+    # Every stage has its run under the study's run, with the tables it read as inputs.
+    from mlflow import MlflowClient
+
+    from featmap_ray import tracking
+
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    runs = _mlflow_runs(cfg).set_index("tags.mlflow.runName")
+    for stage, tables in (("evaluate", {"features/convnext_base/stage3"}),
+                          ("analyze", {"images", "features/convnext_base/stage3"}),
+                          ("report", {"results/s/evaluations", "results/s/svd", "results/s/singular_values",
+                                      "results/s/weight_bias", "results/s/truncation"})):
+        run = runs.loc[f"s:{stage}"]
+        assert run["tags.mlflow.parentRunId"] == runs.loc["s", "run_id"] and run["status"] == "FINISHED", stage
+        inputs = client.get_run(run["run_id"]).inputs.dataset_inputs
+        assert {i.dataset.name for i in inputs} == tables, stage
 
 
 def test_bad_requests_fail_before_any_work(tmp_path, ray_session):

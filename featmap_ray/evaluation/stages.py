@@ -29,6 +29,7 @@ import torch
 
 from featmap_ray import store, tracking
 from featmap_ray.config import BackboneRequest, Config
+from featmap_ray.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ def results_uri(cfg: Config, name: str) -> str:
     return store.Store(cfg.storage).uri("results", cfg.mapping.study, name)
 
 
-def reports_dir(cfg: Config) -> Path:
-    return Path(cfg.storage) / "reports" / cfg.mapping.study
+def reports_dir(cfg: Config) -> Location:
+    return Location(cfg.storage) / "reports" / cfg.mapping.study
 
 
 def write_results(cfg: Config, name: str, frame: pd.DataFrame) -> str:
@@ -179,6 +180,8 @@ def run_evaluate(cfg: Config) -> pd.DataFrame:
         groups[(spec.dataset, spec.backbone, spec.layer, spec.manipulation)].append(str(d))
     if not groups:
         raise ValueError(f"study {cfg.mapping.study!r} has no finished mapping runs: run `featmap fit` first")
+    features = sorted({store.Store(cfg.storage).features_uri(b, l) for _, b, l, _ in groups})
+    run_id = tracking.study_stage_run(cfg, "evaluate", tracking.table_inputs(cfg, features), context="evaluation")
     task = ray.remote(_evaluate_group).options(num_cpus=1, num_gpus=cfg.mapping.resources.gpus_per_worker)
     refs = {g: task.remote(cfg, g, dirs) for g, dirs in sorted(groups.items())}
     rows, failed = [], {}
@@ -190,10 +193,14 @@ def run_evaluate(cfg: Config) -> pd.DataFrame:
     for g, msg in failed.items():
         log.error("evaluate %s failed: %s", g, msg)
     if not rows:
-        raise ValueError(f"evaluation produced no results; failures: {failed}")
+        message = f"evaluation produced no results; failures: {failed}"
+        tracking.end_stage_run(cfg, run_id, {"groups": len(groups), "failed_groups": len(failed)}, status="FAILED",
+                               error=message)
+        raise ValueError(message)
     frame = pd.DataFrame(rows)
     write_results(cfg, "evaluations", frame)
     _log_run_metrics(cfg, frame)
+    tracking.end_stage_run(cfg, run_id, {"rows": len(frame), "groups": len(groups), "failed_groups": len(failed)})
     return frame
 
 
@@ -287,6 +294,8 @@ def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
     from featmap_ray.mapping.artefacts import finished_runs
 
     runs = finished_runs(cfg)
+    st = store.Store(cfg.storage)
+    run_id = tracking.study_stage_run(cfg, "analyze", [tracking.table_input(cfg, st.images_uri)], context="evaluation")
     task = ray.remote(_analyze_run).options(num_cpus=1)
     parts = ray.get([task.remote(cfg, str(d)) for d in runs])
     tables: dict[str, list] = defaultdict(list)
@@ -294,8 +303,10 @@ def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
         for name, rows in part.items():
             tables[name] += rows
     if not tables:
-        raise ValueError(f"study {cfg.mapping.study!r} has no finished linear, ridge or orthogonal_procrustes runs "
-                         "to analyse")
+        message = (f"study {cfg.mapping.study!r} has no finished linear, ridge or orthogonal_procrustes runs "
+                   "to analyse")
+        tracking.end_stage_run(cfg, run_id, {"runs": 0}, status="FAILED", error=message)
+        raise ValueError(message)
     families = _families(cfg)
     frames = {}
     for name, rows in tables.items():
@@ -303,6 +314,9 @@ def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
         frame["family"] = frame["manipulation"].map(families).fillna("unknown")
         write_results(cfg, name, frame)
         frames[name] = frame
+    svd = frames["svd"]  # one row per analysed run; the features tables its tasks read
+    features = sorted({st.features_uri(b, l) for b, l in zip(svd["backbone"], svd["layer"], strict=True)})
+    tracking.end_stage_run(cfg, run_id, {"runs": len(svd)}, inputs=tracking.table_inputs(cfg, features))
     return frames
 
 
@@ -316,11 +330,22 @@ def _families(cfg: Config) -> dict[str, str]:
 
 # -- report ---------------------------------------------------------------------------------------
 
-def run_report(cfg: Config) -> Path:
+def run_report(cfg: Config) -> Location:
+    """report.md and its figures in <storage>/reports/<study>/ (replaced as a whole) and in MLflow."""
+    target = reports_dir(cfg)
+    with target.staged() as out:
+        n_figures = write_report(cfg, out)
+        results = [results_uri(cfg, name) for name in ("evaluations", "svd", "singular_values", "weight_bias",
+                                                        "truncation")]
+        run_id = tracking.study_stage_run(cfg, "report", tracking.table_inputs(cfg, results), context="evaluation")
+        tracking.end_stage_run(cfg, run_id, {"figures": n_figures}, artefacts=out)
+    return target / "report.md"
+
+
+def write_report(cfg: Config, out: Path) -> int:
+    """report.md and its PNG figures in the local folder `out`; returns the number of figures."""
     from featmap_ray.evaluation import report
 
-    out = reports_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
     evals = read_results(cfg, "evaluations")
     cosine = "cos_median_upper"  # the evaluation's median rule, that of the loss (feature_metrics)
     figures = {"Median cosine (upper) to the true edited features": report.family_heatmaps(evals, cosine, out)}
@@ -336,9 +361,5 @@ def run_report(cfg: Config) -> Path:
         figures["Weight vs bias by manipulation family"] = report.weight_bias_plot(wxb.assign(group=wxb["family"]), out)
         figures["Rank-k truncations of W"] = report.truncation_plot(read_results(cfg, "truncation"), out)
         tables["SVD measures"] = read_results(cfg, "svd").drop(columns=["run", "dataset"])
-    summary = report.write_summary(tables, out / "report.md", figures=figures,
-                                   title=f"FeatMap study {cfg.mapping.study}")
-    n_figures = sum(len(paths) for paths in figures.values())
-    run_id = tracking.study_run(cfg, "report")
-    tracking.end_study_run(cfg, run_id, {"figures": n_figures}, artefacts=out)
-    return summary
+    report.write_summary(tables, out / "report.md", figures=figures, title=f"FeatMap study {cfg.mapping.study}")
+    return sum(len(paths) for paths in figures.values())

@@ -21,6 +21,7 @@ from featmap_ray import backbones
 from featmap_ray.config import Config
 from featmap_ray.featinv.data import featinv_backbone
 from featmap_ray.featinv.model import FeatInvComponents, FeatInvControlNetModel, ddim_scheduler
+from featmap_ray.storage import Location
 
 BASE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "unet")
 DEFAULT_BASE = "lambdalabs/miniSD-diffusers"
@@ -167,7 +168,8 @@ def featinv_components(cfg: Config, controlnet_dir: str | None = None) -> FeatIn
     base = base_components(fi.base_model)
     path = controlnet_dir or fi.controlnet
     if path:
-        components = load_featinv(path, base)
+        with Location(path).local_copy() as local:  # diffusers reads a local folder
+            components = load_featinv(local, base)
         trained_on = (components.controlnet.config.backbone, components.controlnet.config.layer)
         if None not in trained_on and trained_on != (request.name, layer):
             raise ValueError(f"FeatInv ControlNet {path} inverts {trained_on[0]}/{trained_on[1]}, but the config "

@@ -283,8 +283,13 @@ def _mlflow_run(cfg: Config, name: str) -> Iterator[None]:
 def _log(cfg: Config, report: ReconstructReport) -> None:
     import mlflow
 
+    from featmap_ray import tracking
+
     m = report.metrics
+    request, layer = data.featinv_backbone(cfg)
+    features = tracking.table_input(cfg, store.Store(cfg.storage).features_uri(request.name, layer))
     with _mlflow_run(cfg, report.stage):
+        tracking.log_table_inputs(None, mlflow.active_run().info.run_id, [features], context="evaluation")
         mlflow.set_tags({"generator": m.generator, "fid_extractor": m.fid_extractor})
         mlflow.log_metrics({**m.mlflow_metrics(), "written": sum(report.written.values()), "skipped": report.skipped,
                             "failed": report.failed})

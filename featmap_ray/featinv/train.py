@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from featmap_ray import backbones, store
 from featmap_ray.config import Config
 from featmap_ray.featinv import data, metrics
+from featmap_ray.storage import Location
 
 if TYPE_CHECKING:
     from featmap_ray.featinv.model import FeatInvComponents
@@ -161,7 +162,12 @@ def _mlflow_run(cfg: Config, run_id: str | None, rank: int) -> Iterator[str | No
     from featmap_ray import tracking
 
     if run_id is None:
-        with tracking.stage_run(cfg, f"{STAGE}:{cfg.featinv.training.run_name}") as run:
+        st = store.Store(cfg.storage)  # what training_dataset reads: the images, and the features table
+        request, layer = data.featinv_backbone(cfg)
+        tables = [st.images_uri] + ([st.features_uri(request.name, layer)]
+                                    if cfg.featinv.training.features_source == "table" else [])
+        with tracking.stage_run(cfg, f"{STAGE}:{cfg.featinv.training.run_name}", tracking.table_inputs(cfg, tables),
+                                context="training") as run:
             yield run.info.run_id
     else:
         mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
@@ -305,7 +311,7 @@ def run(cfg: Config) -> TrainSummary:
     backbones.check_weights(backbones.get_spec(request.name), request)
     dataset = training_dataset(cfg)
     tracking.experiment_id(cfg)  # created once by the driver, not raced by workers
-    storage = f"{cfg.storage}/featinv"
+    storage = str(Location(cfg.storage) / "featinv")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json")},
@@ -323,19 +329,10 @@ def run(cfg: Config) -> TrainSummary:
         raise cause from e
     if result.checkpoint is None:
         raise RuntimeError(f"featinv training run {tr.run_name} reported no checkpoint (max_steps {tr.max_steps})")
-    final = f"{storage}/{tr.run_name}/controlnet"
-    with result.checkpoint.as_directory() as d:
-        _copy_tree(os.path.join(d, "controlnet"), final)
+    final = Location(storage) / tr.run_name / "controlnet"
+    with result.checkpoint.as_directory() as d, final.staged() as out:
+        shutil.copytree(os.path.join(d, "controlnet"), out, dirs_exist_ok=True)
     m = result.metrics or {}
     return TrainSummary(tr.run_name, int(m.get("start_step", m.get("step", 0))), int(m.get("step", 0)), m.get("loss"),
-                        final, result.checkpoint.path, m.get("mlflow_run_id"))
+                        str(final), result.checkpoint.path, m.get("mlflow_run_id"))
 
-
-def _copy_tree(src: str, dst: str) -> None:
-    if "://" in dst:  # object storage
-        import pyarrow.fs as pafs
-
-        pafs.copy_files(src, dst)
-    else:
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(src, dst)

@@ -7,15 +7,13 @@ through `load_run`, never through the code that trained it. A published run is a
         model.safetensors   the best-by-validation model: raw features in, raw features out
         run.json            spec, digest, shape, normalisation, training means, history, best epoch
 
-written atomically (a folder holding run.json is a finished run, never a half-written one).
+on local disk or in an object store (featmap_ray.storage); run.json is written last, so a folder
+holding it is a finished run, never a half-written one.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ from torch import nn
 
 from featmap_ray.config import Config
 from featmap_ray.mapping.grid import RunSpec
+from featmap_ray.storage import Location
 
 MODEL_FILE = "model.safetensors"
 RUN_FILE = "run.json"
@@ -68,63 +67,52 @@ def build_mapping(spec: RunSpec, shape: tuple[int, int, int], norm: dict | None)
 
 # -- where runs live --------------------------------------------------------------------------------
 
-def runs_root(cfg: Config) -> Path:
-    return Path(cfg.storage) / "mapping" / "runs" / cfg.mapping.study
+def runs_root(cfg: Config) -> Location:
+    return Location(cfg.storage) / "mapping" / "runs" / cfg.mapping.study
 
 
-def run_dir(cfg: Config, spec: RunSpec) -> Path:
+def run_dir(cfg: Config, spec: RunSpec) -> Location:
     return runs_root(cfg) / spec.key
 
 
-def read_info(directory: str | Path) -> dict[str, Any] | None:
+def read_info(directory: str | Location) -> dict[str, Any] | None:
     """The run.json of a published run, or None when the folder holds no finished run."""
-    path = Path(directory) / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    path = Location(directory) / RUN_FILE
+    return path.read_json() if path.exists() else None
 
 
-def finished_runs(cfg: Config) -> list[Path]:
-    root = runs_root(cfg)
-    return sorted(p.parent for p in root.glob(f"*/{RUN_FILE}")) if root.exists() else []
+def finished_runs(cfg: Config) -> list[Location]:
+    return [p.parent for p in runs_root(cfg).glob(f"*/{RUN_FILE}")]
 
 
 # -- writing and reading a run ----------------------------------------------------------------------
 
-def publish(out_dir: str | Path, model: NormalisedMap, info: dict[str, Any]) -> None:
-    """Write a finished run atomically: model.safetensors and run.json into a temporary folder
-    next to `out_dir`, then one rename (a reader sees the old run or the new one, never half)."""
+def publish(out_dir: str | Location, model: NormalisedMap, info: dict[str, Any]) -> None:
+    """Write a finished run: model.safetensors, then run.json (a reader sees the old run or the new
+    one, never half: see `Location.staged`)."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE))
-    (tmp / RUN_FILE).write_text(json.dumps(info, indent=1, default=float))
-    _replace(tmp, out_dir)
+    with Location(out_dir).staged(marker=RUN_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE))
+        (tmp / RUN_FILE).write_text(json.dumps(info, indent=1, default=float))
 
 
-def copy_run(source: str | Path, out_dir: str | Path) -> None:
-    """A published run, copied as a whole to `out_dir` (atomically, like `publish`)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
-    shutil.copytree(source, tmp, dirs_exist_ok=True)
-    _replace(tmp, out_dir)
+def copy_run(source: str | Location, out_dir: str | Location) -> None:
+    """A published run, copied as a whole to `out_dir` (like `publish`)."""
+    source = Location(source)
+    with Location(out_dir).staged(marker=RUN_FILE) as tmp:
+        for name in (MODEL_FILE, RUN_FILE):
+            (tmp / name).write_bytes((source / name).read_bytes())
 
 
-def _replace(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-
-
-def load_run(directory: str | Path) -> tuple[NormalisedMap, RunSpec, dict[str, Any]]:
+def load_run(directory: str | Location) -> tuple[NormalisedMap, RunSpec, dict[str, Any]]:
     """A finished run's best model (raw -> raw features, in eval mode), its spec and its run.json."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     info = read_info(directory)
     if info is None:
         raise FileNotFoundError(f"no finished mapping run in {directory} (missing {RUN_FILE})")
     spec = RunSpec.from_dict(info["spec"])
     model = build_mapping(spec, tuple(info["shape"]), info["norm"])
-    model.load_state_dict(load_file(str(Path(directory) / MODEL_FILE)))
+    model.load_state_dict(load((Location(directory) / MODEL_FILE).read_bytes()))
     return model.eval(), spec, info

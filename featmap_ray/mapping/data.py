@@ -16,13 +16,13 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from featmap_ray import store
+from featmap_ray.storage import Location
 
 @dataclass
 class Pairs:
@@ -244,7 +244,7 @@ def channel_stats(st: store.Store, *, dataset: str, backbone: str, layer: str, s
     return ChannelStats(np.asarray(mean), np.sqrt(np.asarray(m2) / n) + 1e-6, maps)
 
 
-def cached_channel_stats(st: store.Store, root: Path, *, dataset: str, backbone: str, layer: str) -> ChannelStats:
+def cached_channel_stats(st: store.Store, root: Location, *, dataset: str, backbone: str, layer: str) -> ChannelStats:
     """`channel_stats`, cached per (dataset, backbone, layer) and recomputed when the number of
     training originals in the table has changed."""
     path = root / "norm" / dataset / backbone / f"{layer}.json"
@@ -256,12 +256,9 @@ def cached_channel_stats(st: store.Store, root: Path, *, dataset: str, backbone:
     current = len(set(table.to_table(columns=["source_id"], filter=f"variant = '{store.ORIGINAL}' AND split = 'train'")
                       ["source_id"].to_pylist()) & ids)
     if path.exists():
-        cached = ChannelStats.from_json(json.loads(path.read_text()))
+        cached = ChannelStats.from_json(path.read_json())
         if cached.count == current:
             return cached
     stats = channel_stats(st, dataset=dataset, backbone=backbone, layer=layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stats.to_json()))
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    path.write_json(stats.to_json())  # atomic: a reader never sees half a file
     return stats

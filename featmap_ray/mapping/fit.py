@@ -16,12 +16,12 @@ import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from featmap_ray import store, tracking
 from featmap_ray.config import Config
 from featmap_ray.mapping import artefacts, grid, train
+from featmap_ray.storage import Location
 
 
 @dataclass
@@ -97,7 +97,7 @@ def tune_run_config(cfg: Config, kind: str, **kwargs):
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return tune.RunConfig(name=f"{cfg.mapping.study}-{kind}-{stamp}",
-                          storage_path=str(Path(cfg.storage) / "mapping" / "tune"), verbose=0, **kwargs)
+                          storage_path=str(Location(cfg.storage) / "mapping" / "tune"), verbose=0, **kwargs)
 
 
 def plan_study(cfg: Config, runs: list[grid.RunSpec]) -> tuple[list[train.GroupPlan], list[str]]:
@@ -142,7 +142,10 @@ def run_study(cfg: Config) -> StudySummary:
     summary = StudySummary(cfg.mapping.study, len(runs), len(plans), skipped=done)
     if not plans:
         return summary
-    parent = tracking.study_run(cfg, "fit")
+    # The fit stage run, under the study's run; the mapping runs nest under it. Inputs: the
+    # features tables at the versions the plans read.
+    parent = tracking.study_stage_run(cfg, "fit", [tracking.table_input(cfg, p.train.uri, p.train.version)
+                                                   for p in plans])
     trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)), plans=plans,
                                      cfg_data=cfg.model_dump(mode="json"), parent=parent)
     tuner = tune.Tuner(
@@ -164,8 +167,9 @@ def run_study(cfg: Config) -> StudySummary:
         summary.failed.update(outcome["failed"])
     summary.seconds = time.perf_counter() - started
     _record_failures(cfg, summary)
-    tracking.end_study_run(cfg, parent, {"runs": len(runs), "groups": len(plans), "fitted": len(summary.fitted),
-                                         "failed": len(summary.failed), "seconds": summary.seconds})
+    tracking.end_stage_run(cfg, parent, {"runs": len(runs), "groups": len(plans), "fitted": len(summary.fitted),
+                                         "failed": len(summary.failed), "seconds": summary.seconds},
+                           status="FAILED" if summary.failed and not summary.fitted else "FINISHED")
     return summary
 
 

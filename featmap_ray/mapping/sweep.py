@@ -10,19 +10,18 @@ written `loss.<term>` (e.g. loss.mse, loss.median_cos).
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 from featmap_ray import store, tracking
 from featmap_ray.config import Config, MappingTraining
 from featmap_ray.mapping import artefacts, grid, train
+from featmap_ray.storage import Location
 
 DOMAINS = ("loguniform", "uniform", "choice", "randint", "grid")
 
 
-def sweep_root(cfg: Config) -> Path:
-    return Path(cfg.storage) / "mapping" / "sweeps" / cfg.mapping.study
+def sweep_root(cfg: Config) -> Location:
+    return Location(cfg.storage) / "mapping" / "sweeps" / cfg.mapping.study
 
 
 def base_spec(cfg: Config) -> grid.RunSpec:
@@ -121,9 +120,10 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     spec = base_spec(cfg)
     space = search_space(cfg, spec)
     check_tables(store.Store(cfg.storage), [spec])
-    train.plan_group(cfg, [spec], name="check")  # the pairs exist; normalisation statistics computed once, here
+    check = train.plan_group(cfg, [spec], name="check")  # the pairs exist; normalisation statistics computed once, here
     sw = cfg.mapping.sweep
-    parent = tracking.study_run(cfg, "sweep")
+    # The sweep stage run, under the study's run; each trial's mapping run nests under it.
+    parent = tracking.study_stage_run(cfg, "sweep", [tracking.table_input(cfg, check.train.uri, check.train.version)])
     trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)),
                                      cfg_data=cfg.model_dump(mode="json"), spec_data=spec.to_dict(), parent=parent)
     tuner = tune.Tuner(
@@ -138,18 +138,21 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     results = tuner.fit()
     best = results.get_best_result(metric="val_loss", mode="min", scope="all")
     if best is None or best.metrics is None:
-        raise RuntimeError(f"sweep {cfg.mapping.study}: no trial reported a validation loss "
-                           f"({results.num_errors} errors)")
+        message = f"sweep {cfg.mapping.study}: no trial reported a validation loss ({results.num_errors} errors)"
+        tracking.end_stage_run(cfg, parent, {"trials": len(results), "errors": results.num_errors}, status="FAILED",
+                               error=message)
+        raise RuntimeError(message)
     trial_id = best.metrics["trial_id"]
     best_dir = sweep_root(cfg) / "best"
     plan = trial_plan(cfg, spec, best.config, trial_id)
     # The trial's last Ray Train checkpoint holds its best epoch, also when ASHA stopped it early.
-    train.publish_from_checkpoint(ray.train.Checkpoint(best.metrics["checkpoint_path"]), plan,
-                                  cfg.mapping.loss_options)
+    # Ray reports the checkpoint's path inside its filesystem (no s3:// scheme): pass the filesystem.
+    checkpoint = ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=train.train_root(cfg).fs)
+    train.publish_from_checkpoint(checkpoint, plan, cfg.mapping.loss_options)
     artefacts.copy_run(plan.runs[0].out_dir, best_dir)
     summary = {"best_trial": trial_id, "best_val_loss": float(best.metrics["best_val_loss"]),
                "best_config": best.config, "trials": len(results), "errors": results.num_errors, "dir": str(best_dir)}
-    (sweep_root(cfg) / "best.json").write_text(json.dumps(summary, indent=1, default=str))
-    tracking.end_study_run(cfg, parent, {"best_val_loss": summary["best_val_loss"], "trials": len(results),
+    (sweep_root(cfg) / "best.json").write_json(summary)
+    tracking.end_stage_run(cfg, parent, {"best_val_loss": summary["best_val_loss"], "trials": len(results),
                                          "errors": results.num_errors})
     return summary

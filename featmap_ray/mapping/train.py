@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from featmap_ray import store, tracking
 from featmap_ray.config import Config, MappingTraining
 from featmap_ray.mapping import artefacts, data
 from featmap_ray.mapping.grid import RunSpec, run_digest
+from featmap_ray.storage import Location
 
 GROUP_STATE = "group.pt"
 # Ray Train's controller collects reports and checkpoints when it polls the workers (every 2 s by
@@ -74,8 +74,8 @@ class GroupResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def train_root(cfg: Config) -> Path:
-    return Path(cfg.storage) / "mapping" / "train"
+def train_root(cfg: Config) -> Location:
+    return Location(cfg.storage) / "mapping" / "train"
 
 
 def training_settings(cfg: Config, overrides: dict[str, Any] | None = None) -> MappingTraining:
@@ -86,7 +86,7 @@ def training_settings(cfg: Config, overrides: dict[str, Any] | None = None) -> M
 
 
 def plan_group(cfg: Config, specs: list[RunSpec], *, name: str | None = None, part: int | None = None,
-               training: MappingTraining | None = None, out_dirs: list[str | Path] | None = None,
+               training: MappingTraining | None = None, out_dirs: list[Location] | None = None,
                norm_cache: dict | None = None) -> GroupPlan:
     """Pairs, normalisation and digests of runs that share (dataset, backbone, layer, manipulation).
     Reads only key columns and cached statistics (computes them through Ray Data when missing).
@@ -110,7 +110,7 @@ def plan_group(cfg: Config, specs: list[RunSpec], *, name: str | None = None, pa
     if any(s.normalise for s in specs):
         norm_cache = {} if norm_cache is None else norm_cache
         if key[:3] not in norm_cache:
-            norm_cache[key[:3]] = data.cached_channel_stats(st, Path(cfg.storage) / "mapping", dataset=dataset,
+            norm_cache[key[:3]] = data.cached_channel_stats(st, Location(cfg.storage) / "mapping", dataset=dataset,
                                                             backbone=backbone, layer=layer).to_json()
         norm = norm_cache[key[:3]]
     name = name or "--".join([cfg.mapping.study, *key, fingerprint[:8], *([f"part{part}"] if part is not None else [])])
@@ -230,12 +230,13 @@ class _Recorder:
             final = {f"final_{k}": v for k, v in m.best.items()}
             final.update({f"baseline_{name}_{k}": v for name, scores in (group["baselines"] or {}).items()
                           for k, v in scores.items()})
-            tracking.finish_child_run(self.client, run.mlflow_run_id, final, Path(run.out_dir))
+            with Location(run.out_dir).local_copy() as published:
+                tracking.finish_child_run(self.client, run.mlflow_run_id, final, published)
         else:
             self.client.set_tag(run.mlflow_run_id, "error", (m.error or "")[:5000])
             self.client.set_terminated(run.mlflow_run_id, status="FAILED")
 
-    def publish(self, m, group: dict[str, Any], out_dir: str | Path) -> None:
+    def publish(self, m, group: dict[str, Any], out_dir: str) -> None:
         """The member's best epoch, with everything needed to use and judge it, as a finished run."""
         run = self.runs[m.digest]
         info = {"spec": run.spec.to_dict(), "digest": run.digest, "shape": list(self.plan.train.shape),
@@ -298,7 +299,7 @@ def fit_group(cfg: Config, plan: GroupPlan, *, mlflow_parent: str | None = None,
         else:
             outcome.failed[run.key] = member.get("error") or f"ended with status {member.get('status')!r}"
     if not outcome.failed:  # every model is published: the checkpoints have served their purpose
-        shutil.rmtree(train_root(cfg) / plan.name, ignore_errors=True)
+        (train_root(cfg) / plan.name).delete()
     return outcome
 
 
