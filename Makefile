@@ -7,7 +7,7 @@ STAMP := .venv/.installed
 MOTO_VERSION := 5.2.5
 MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
 
-.PHONY: setup demo test benchmark clean
+.PHONY: setup browser demo test benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -21,19 +21,30 @@ $(MOTO_STAMP):
 	.tools/moto/bin/pip install -q "moto[server]==$(MOTO_VERSION)"
 	touch $(MOTO_STAMP)
 
+# Headless Chromium for the web page's browser test (tests/serve_page.py, run by tests/test_serve.py): Debian's chromium and
+# chromium-driver, installed when missing and apt-get can run (as root, as in CI). Anywhere else setup goes
+# on and that test skips, naming what to install.
+browser:
+	@if [ -x /usr/lib/chromium/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -q --no-install-recommends -y \
+			chromium chromium-driver) || echo "make: could not install chromium chromium-driver; the browser test will skip"; \
+	else echo "make: chromium/chromium-driver missing and apt-get needs root; the browser test will skip"; fi
+
 setup: $(STAMP) $(MOTO_STAMP)
 
 demo: setup
 	.venv/bin/featmap pipeline --config conf/demo.yaml
 	.venv/bin/featmap study --config conf/demo.yaml
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 benchmark: setup
 	$(PY) benchmarks/extract_throughput.py
 	$(PY) benchmarks/mapping_throughput.py
 	$(PY) benchmarks/featinv_sampling.py
+	$(PY) benchmarks/serve_throughput.py
 	$(PY) benchmarks/capacity.py
 
 clean:

@@ -25,8 +25,8 @@ the backbones); wall-clock seconds, with the process CPU seconds beside them:
                takes about --mapping-step-s (at most --mapping-batch); a step slower than
                --mapping-slow-s at batch 1 is timed once, without warm-up. Closed-form families: the
                sufficient-statistics update per pair and the solve per run;
-  featinv      `featinv.sample.sample_latents` at 1 and 1+k DDIM steps (per step = the difference / k,
-               cond + uncond in one forward) and `decode_latents`, on the MiniSD-shaped UNet/VAE that
+  featinv      `FeatInvPipeline(..., output_type="latent")` at 1 and 1+k DDIM steps (per step = the difference
+               / k, cond + uncond in one forward) and `FeatInvPipeline.decode`, on the MiniSD-shaped UNet/VAE that
                benchmarks/featinv_sampling.py builds (`minisd_shaped_base`, imported from it), ConvNeXt-B
                stage3 maps 1024x9x9; or, with --featinv-size tiny, the tiny test model (say so: useless
                for planning);
@@ -327,7 +327,7 @@ def build_featinv_model(size: str):
 
 
 def run_featinv(res: Results, args, fi_cache: dict) -> None:
-    from featmap_ray.featinv.sample import decode_latents, reconstruct, sample_latents
+    from featmap_ray.featinv.pipeline import seeded_generators
 
     started = time.perf_counter()
     fi, channels = build_featinv_model(args.featinv_size)
@@ -338,12 +338,17 @@ def run_featinv(res: Results, args, fi_cache: dict) -> None:
     b, k = args.featinv_batch, args.featinv_extra_steps
     features = torch.randn(b, channels, 9, 9, generator=torch.Generator().manual_seed(1))
     seeds = list(range(100, 100 + b))
-    reconstruct(fi, features, seeds, steps=1)  # warm-up
-    t1, c1, latents = timed(lambda: sample_latents(fi, features, seeds, steps=1), "cpu")
-    tk, ck, _ = timed(lambda: sample_latents(fi, features, seeds, steps=1 + k), "cpu")
+
+    def sample_latents(steps: int) -> torch.Tensor:
+        return fi(features, seeded_generators(seeds), num_inference_steps=steps, output_type="latent").images
+
+    fi.set_progress_bar_config(disable=True)
+    fi(features, seeded_generators(seeds), num_inference_steps=1)  # warm-up
+    t1, c1, latents = timed(lambda: sample_latents(1), "cpu")
+    tk, ck, _ = timed(lambda: sample_latents(1 + k), "cpu")
     res.featinv_step = (max(tk - t1, 0.0) / k, max(ck - c1, 0.0) / k)
     res.featinv_fixed = (max(t1 - res.featinv_step[0], 0.0), max(c1 - res.featinv_step[1], 0.0))
-    res.featinv_decode = timed(lambda: decode_latents(fi, latents), "cpu")[:2]
+    res.featinv_decode = timed(lambda: fi.decode(latents), "cpu")[:2]
     print(f"  featinv ({args.featinv_size}): {hms(res.featinv_step[0])} per DDIM step at batch {b}", flush=True)
 
 
@@ -356,7 +361,6 @@ def featinv_per_image(res: Results, which: int = 0) -> float:
 def run_featinv_train(res: Results, args, fi_cache: dict) -> None:
     from diffusers import DDPMScheduler
 
-    from featmap_ray.featinv import sample
     from featmap_ray.featinv.train import diffusion_loss
 
     if "model" not in fi_cache:
@@ -372,7 +376,7 @@ def run_featinv_train(res: Results, args, fi_cache: dict) -> None:
     optimiser = torch.optim.AdamW(controlnet.parameters(), lr=training.lr, weight_decay=training.weight_decay)
     noise_scheduler = DDPMScheduler.from_config(fi.scheduler.config)
     with torch.no_grad():
-        text = sample.encode_prompts(fi, [training.prompt, ""])
+        text = fi.encode_prompt([training.prompt, ""])
     b = args.featinv_train_batch
     pixels = torch.randint(0, 256, (b, 288, 288, 3), dtype=torch.uint8)
     features = torch.randn(b, channels, 9, 9)

@@ -5,9 +5,9 @@
 
 Measured in one run, after one untimed warm-up of each path:
   reference     one image per call, cond and uncond as two ControlNet + UNet forwards per step
-                (`reconstruct_reference_loop`, what featinv_reconstructor does), B calls;
+                (`FeatInvPipeline(..., batch_cfg=False)` on one map, what featinv_reconstructor does), B calls;
   batch, 2 fwd  B feature maps per call, cond and uncond still separate (2 forwards per step);
-  batch, 1 fwd  B feature maps per call, cond and uncond in one forward of batch 2B (`reconstruct`).
+  batch, 1 fwd  B feature maps per call, cond and uncond in one forward of batch 2B (the default).
 Random weights: the tiny SD-shaped test model (16×16 images), or with --full-size a MiniSD-shaped
 UNet/VAE (256×256 images, latent 4×32×32, ConvNeXt-sized 1024×9×9 features) with a 2-layer CLIP
 text model of width 768. Also prints the largest pixel difference between the batched and the
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from featmap_ray.featinv.loading import build_featinv, random_base_components, tiny_base_components
-from featmap_ray.featinv.sample import reconstruct, reconstruct_reference_loop
+from featmap_ray.featinv.pipeline import seeded_generators
 
 
 def minisd_shaped_base(seed: int = 0):
@@ -71,22 +71,27 @@ def main() -> None:
         base, channels, size, hidden = tiny_base_components(), 16, 9, 32
     fi = build_featinv(base, feature_channels=channels, encoder_hidden_channels=hidden)
     fi.to(args.device, None if dtype is torch.float32 else dtype)  # models are built in float32
+    fi.set_progress_bar_config(disable=True)
     features = torch.randn(args.batch, channels, size, size, generator=torch.Generator().manual_seed(1))
     seeds = list(range(100, 100 + args.batch))
-    kw = dict(steps=args.steps, guidance=1.75)
+
+    def sample(maps: torch.Tensor, map_seeds: list[int], steps: int = args.steps, batch_cfg: bool = True) -> np.ndarray:
+        images = fi(maps, seeded_generators(map_seeds), num_inference_steps=steps, guidance_scale=1.75,
+                    batch_cfg=batch_cfg).images
+        return np.stack([np.asarray(image) for image in images])
 
     def reference():
-        return np.stack([reconstruct_reference_loop(fi, features[i:i + 1], s, **kw) for i, s in enumerate(seeds)])
+        return np.concatenate([sample(features[i:i + 1], [s], batch_cfg=False) for i, s in enumerate(seeds)])
 
     runs = {
         "reference (B=1, 2 fwd/step)": reference,
-        f"batch {args.batch}, 2 fwd/step": lambda: reconstruct(fi, features, seeds, batch_cfg=False, **kw),
-        f"batch {args.batch}, 1 fwd/step (ours)": lambda: reconstruct(fi, features, seeds, **kw),
+        f"batch {args.batch}, 2 fwd/step": lambda: sample(features, seeds, batch_cfg=False),
+        f"batch {args.batch}, 1 fwd/step (ours)": lambda: sample(features, seeds),
     }
     # Warm-up: first calls pay for kernel selection and allocator growth.
-    reconstruct_reference_loop(fi, features[:1], 0, steps=2)
-    reconstruct(fi, features, seeds, steps=2, batch_cfg=False)
-    reconstruct(fi, features, seeds, steps=2)
+    sample(features[:1], [0], steps=2, batch_cfg=False)
+    sample(features, seeds, steps=2, batch_cfg=False)
+    sample(features, seeds, steps=2)
     results = {name: timed(fn, args.device) for name, fn in runs.items()}
 
     print(f"FeatInv sampling, {'MiniSD-shaped' if args.full_size else 'tiny'} model, {fi.image_size}px images, "

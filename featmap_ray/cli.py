@@ -116,7 +116,8 @@ STUDY: dict[str, Callable[[Config], object]] = {
 
 def _featinv_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="the reference's .ckpt (or .safetensors)")
-    parser.add_argument("out_dir", help="written: controlnet/ unet/ vae/ text_encoder/ scheduler/ [tokenizer/]")
+    parser.add_argument("out_dir", help="written: controlnet/ unet/ vae/ text_encoder/ scheduler/ "
+                                        "[tokenizer/ model_index.json]")
     parser.add_argument("--backbone", help="backbone the features come from (recorded, checked when sampling)")
     parser.add_argument("--layer", help="its layer")
     parser.add_argument("--tokenizer", help="a CLIP tokenizer folder to copy (e.g. the base model's tokenizer/)")
@@ -146,6 +147,28 @@ def _stage_inputs(cfg: Config, name: str) -> list:
     if name == "ingest":
         return [tracking.TableInput(cfg.dataset.name, cfg.dataset.root)]
     return tracking.table_inputs(cfg, [store.Store(cfg.storage).images_uri])
+
+
+def serve_until_interrupted(cfg: Config) -> int:
+    """`featmap serve`: deploy the service, print where it is, keep it up until Ctrl-C / SIGTERM."""
+    import signal
+    import threading
+
+    from ray import serve
+
+    from featmap_ray.serve import deployments
+
+    url = deployments.start(cfg)
+    print(f"[serve] page: {url}/\n[serve] API docs: {url}/docs  (OpenAPI: {url}/openapi.json)\n"
+          f"[serve] models: {url}/models   Ctrl-C stops the service", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    return 0
 
 
 def run_stage(cfg: Config, name: str) -> list[store.StageSummary]:
@@ -247,16 +270,26 @@ def _check_evaluations(cfg: Config) -> None:
 
 
 def _check_featinv(cfg: Config) -> None:
-    """The backbone and layer FeatInv inverts, their weights, and the Stable Diffusion base model."""
-    from featmap_ray import backbones
+    """The backbone and layer FeatInv inverts, their weights, the ControlNet's MLflow run or model
+    version (featinv.controlnet as runs:/ or models:/), and the Stable Diffusion base model."""
+    from featmap_ray import backbones, tracking
     from featmap_ray.featinv import data
 
     request, _ = data.featinv_backbone(cfg)
     backbones.check_weights(backbones.get_spec(request.name), request)
+    if cfg.featinv.controlnet:
+        tracking.model_source(cfg, cfg.featinv.controlnet)  # ModelNotFound (a FileNotFoundError) names what is missing
     if cfg.featinv.base_model != "tiny":
         from featmap_ray.featinv import loading  # imports diffusers: after the cheap checks
 
         loading.resolve_base_dir(cfg.featinv.base_model, local_files_only=True)
+
+
+def _check_serve(cfg: Config) -> None:
+    """The allow-lists: FeatInv models (MLflow URIs resolve) and finished mapping runs of the study."""
+    from featmap_ray.serve import catalogue
+
+    catalogue.check(cfg)
 
 
 # -- commands and their help ---------------------------------------------------------------------
@@ -321,6 +354,12 @@ COMMANDS: dict[str, Command] = {
                            "Samples images from the stored feature maps (or from a mapping run's mapped maps: "
                            "featinv.sampling.mapping_run) into reconstructions/<backbone>/<layer>.lance.",
                            (*RAY_KEYS, *_FEATINV_KEYS), (_check_featinv,)),
+    "serve": Command("FeatInv as a service: web page + HTTP API on Ray Serve (until Ctrl-C)",
+                     "Starts the composed application (ingress, backbone, FeatInv and mapping deployments) on "
+                     "serve.host:serve.port (127.0.0.1 by default) and prints the page's and the API docs' URLs. "
+                     "On a cluster use conf/serve.yaml with `serve run` / `serve deploy` (README: Serving).",
+                     (*RAY_KEYS, "serve", "serve.limits", "serve.featinv", "featinv", "extract.backbones"),
+                     (_check_featinv, _check_serve)),
     "featinv-import": Command("convert a FeatInv research-code checkpoint into diffusers folders",
                               "Reads no config: its arguments are paths."),
     "info": Command("tables, row counts and how to look at them (starts no Ray)",
@@ -444,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         from featmap_ray import runtime
 
         runtime.init_ray(cfg)
+        if name == "serve":
+            return serve_until_interrupted(cfg)
         if name in STUDY or name == "study":
             for step in ["fit", "evaluate", "analyze", "report"] if name == "study" else [name]:
                 print(STUDY[step](cfg), flush=True)

@@ -7,6 +7,7 @@ dotted key path in the message (`ConfigError`), so a typo never silently falls b
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -272,6 +273,8 @@ class FeatInvTraining(_Strict):
     num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP); local mode (0) would not persist checkpoints
     use_gpu: bool = False
     seed: int = 0
+    # The MLflow registered model that receives the final ControlNet of every run; None = featinv-<backbone>-<layer>.
+    registered_model: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class FeatInvEval(_Strict):
@@ -285,12 +288,90 @@ class FeatInvConfig(_Strict):
     # Stable Diffusion 1.x in diffusers layout: a local folder or a hub id in the local HF cache,
     # or "tiny" for random tiny models (tests and demos only).
     base_model: str = "lambdalabs/miniSD-diffusers"
-    controlnet: str | None = None  # a trained FeatInv ControlNet folder; None = fresh from the base UNet
+    # A trained FeatInv ControlNet: a folder (local or object store), runs:/<run_id>/<path>,
+    # models:/<name>/<version> or models:/<name>@<alias>; None = fresh from the base UNet.
+    controlnet: str | None = None
     pooled: bool = False  # the paper's pooled variant: the map's channel means, tiled
     encoder_hidden_channels: int = Field(512, ge=1)  # width of the feature encoder (reference 512)
     sampling: FeatInvSampling = FeatInvSampling()
     training: FeatInvTraining = FeatInvTraining()
     eval: FeatInvEval = FeatInvEval()
+
+
+class ServeDeployment(_Strict):
+    """Ray Serve options of one deployment of the service (README: Serving)."""
+
+    num_replicas: int = Field(1, ge=1)  # ignored when autoscaling_config is set
+    ray_actor_options: dict[str, Any] = {"num_cpus": 1}  # e.g. {num_cpus: 1, num_gpus: 0.25}
+    max_ongoing_requests: int = Field(16, ge=1)  # per replica; more wait in the caller's queue
+    # Ray Serve's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...).
+    autoscaling_config: dict[str, Any] | None = None
+    max_batch_size: int = Field(16, ge=1)  # @serve.batch: items per model call
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a partial batch waits for more items
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of `Deployment.options`."""
+        scaling = ({"autoscaling_config": self.autoscaling_config} if self.autoscaling_config
+                   else {"num_replicas": self.num_replicas})
+        return {"ray_actor_options": self.ray_actor_options, "max_ongoing_requests": self.max_ongoing_requests,
+                **scaling}
+
+
+class ServeLimits(_Strict):
+    """What one request may ask for; anything beyond is a 4xx answer naming the limit."""
+
+    max_body_mb: float = Field(16.0, gt=0)  # request body (an upload, its base64 or a feature map)
+    max_pixels: int = Field(40_000_000, ge=1)  # image header check before decoding (decompression bombs)
+    min_side: int = Field(8, ge=1)  # smaller uploaded images are refused
+    max_seeds: int = Field(8, ge=1, le=8)  # reconstructions per request
+    max_steps: int = Field(50, ge=1)  # DDIM steps
+    max_guidance: float = Field(20.0, ge=0)
+    max_control_scale: float = Field(4.0, ge=0)
+    request_timeout_s: float = Field(120.0, gt=0)  # Ray Serve's end-to-end HTTP request timeout
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+
+class ServeConfig(_Strict):
+    """`featmap serve`: FeatInv over HTTP (README: Serving)."""
+
+    host: str = "127.0.0.1"  # loopback unless said otherwise: the service has no authentication
+    port: int = Field(8000, ge=0, le=65535)
+    app_name: str = Field("featmap", pattern=r"^[A-Za-z0-9_.-]+$")
+    route_prefix: str = Field("/", pattern=r"^/")
+    # The allow-list of FeatInv models: name -> a ControlNet folder (local or under an object store),
+    # runs:/<run id>/<path>, models:/<name>/<version> or models:/<name>@<alias> (MLflow). "default" is always there: featinv.controlnet,
+    # or a fresh model from the base UNet. Requests name a model; they never name a path.
+    featinv_models: dict[str, str] = {}
+    # Runs of mapping.study the mapped route may apply (their keys); None: every finished run at start-up.
+    mapping_runs: list[str] | None = []
+    # Defaults of a request's parameters (within `limits`); featinv.sampling's prompt is used.
+    steps: int = Field(20, ge=1)
+    seeds: list[int] = Field([100], min_length=1)
+    limits: ServeLimits = ServeLimits()
+    # Logical CPUs add up to 2 by default, so that `serve run` fits a 2-core machine's default Ray; the
+    # ingress and mapping replicas wait on I/O or do little work.
+    ingress: ServeDeployment = ServeDeployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+    backbone: ServeDeployment = ServeDeployment(ray_actor_options={"num_cpus": 0.5})
+    featinv: ServeDeployment = ServeDeployment()
+    mapping: ServeDeployment = ServeDeployment(ray_actor_options={"num_cpus": 0.25})
+
+    @field_validator("featinv_models")
+    @classmethod
+    def _model_names(cls, models: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in models if not re.fullmatch(r"[A-Za-z0-9_.-]+", name)]
+        if bad:
+            raise ValueError(f"model names {bad}: use letters, digits and _.- only")
+        return models
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ServeConfig:
+        if self.steps > self.limits.max_steps or len(self.seeds) > self.limits.max_seeds:
+            raise ValueError(f"steps ({self.steps}) and the number of seeds ({len(self.seeds)}) must be within "
+                             f"limits.max_steps ({self.limits.max_steps}) and limits.max_seeds ({self.limits.max_seeds})")
+        return self
 
 
 class Config(_Strict):
@@ -303,6 +384,7 @@ class Config(_Strict):
     mapping: MappingConfig = MappingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     featinv: FeatInvConfig = FeatInvConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _absolute_storage(self) -> Config:

@@ -19,6 +19,10 @@ Runs of a study (`mapping.study`), each found again by its `featmap.run` tag and
 The pipeline stages (ingest, manipulate, extract) and FeatInv's runs are runs of their own
 (`stage_run`). Every stage run records the Lance tables it read as MLflow dataset inputs: name = the
 table's path under the storage root, source = its URI, digest = the table version read.
+
+Models: a folder of weights is logged as run artefacts and registered as a model version
+(`register_model`); `model_source` resolves a folder, `runs:/...` or `models:/...` URI to what to
+download and the run that made it, and `download_model` fetches it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -386,3 +391,97 @@ def finish_child_run(client, run_id: str, metrics: dict[str, float], artefacts: 
     log_metrics(client, run_id, metrics)
     client.log_artifacts(run_id, str(artefacts), artifact_path="mapping")
     client.set_terminated(run_id, status="FINISHED")
+
+
+# -- models: weight folders logged to runs and registered -------------------------------------------
+
+MODEL_URI = re.compile(r"^(?:runs:/(?P<run>[^/]+)/(?P<path>.+)|"
+                       r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+)))$")
+
+
+class ModelNotFound(FileNotFoundError):
+    """An MLflow model URI names a run, artefact path, registered model, version or alias that does not exist."""
+
+
+def is_model_uri(path: str) -> bool:
+    """`runs:/...` or `models:/...` (anything else is a folder: a local path or an object-store URI)."""
+    return path.startswith(("runs:/", "models:/"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from: `uri` as given; `artifact_uri`, what is downloaded (the folder
+    itself, or the run artefacts behind an MLflow URI); the MLflow run that made it and, for a
+    registered model, its version (an alias resolved to the version it points at now)."""
+
+    uri: str
+    artifact_uri: str
+    run_id: str | None = None
+    registered: str | None = None  # models:/<name>/<version>
+
+    def __str__(self) -> str:
+        if self.run_id is None:
+            return self.uri
+        return f"{self.registered or self.uri} (MLflow run {self.run_id})"
+
+
+def model_source(cfg: Config, uri: str) -> ModelSource:
+    """Resolve a folder, `runs:/<run_id>/<path>`, `models:/<name>/<version>` or `models:/<name>@<alias>`
+    without downloading anything; an MLflow URI whose run, artefacts or model version do not exist
+    raises ModelNotFound."""
+    from mlflow.exceptions import MlflowException
+
+    if not is_model_uri(uri):
+        return ModelSource(uri, uri)
+    match = MODEL_URI.match(uri)
+    if match is None:
+        raise ValueError(f"{uri!r}: expected runs:/<run_id>/<artifact path>, models:/<name>/<version> or "
+                         "models:/<name>@<alias>")
+    where = tracking_uri(cfg)
+    if where.startswith("sqlite:///") and not Path(where.removeprefix("sqlite:///")).is_file():
+        raise ModelNotFound(f"{uri}: no MLflow database at {where}")  # and none is created by looking
+    client = _client(cfg)
+    try:
+        if match["run"]:
+            client.get_run(match["run"])
+            if not client.list_artifacts(match["run"], match["path"]):
+                raise ModelNotFound(f"{uri}: MLflow run {match['run']} has no artefacts under {match['path']!r} "
+                                    f"(MLflow at {where})")
+            return ModelSource(uri, uri, match["run"])
+        name = match["name"]
+        version = (client.get_model_version(name, match["version"]) if match["version"]
+                   else client.get_model_version_by_alias(name, match["alias"]))
+        download = client.get_model_version_download_uri(name, version.version)
+        return ModelSource(uri, download, version.run_id, f"models:/{name}/{version.version}")
+    except MlflowException as e:
+        raise ModelNotFound(f"{uri}: {str(e).splitlines()[0]} (MLflow at {where})") from e
+
+
+def download_model(cfg: Config, source: ModelSource, dst: str) -> str:
+    """Download an MLflow model's artefacts into the folder `dst`; returns the local folder."""
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=source.artifact_uri, tracking_uri=tracking_uri(cfg),
+                                               dst_path=dst)
+
+
+def register_model(cfg: Config, run_id: str, folder: str, artifact_path: str, name: str,
+                   tags: dict[str, str]) -> ModelSource:
+    """Log the local `folder` as artefacts of run `run_id` under `artifact_path` and register them as a
+    version of the model `name` (created when missing). Registering the same artefacts again returns
+    their version. A plain artefact folder is registered with `create_model_version`: MLflow 3's
+    `mlflow.register_model` accepts runs:/ URIs of logged models only."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(cfg)
+    client.log_artifacts(run_id, folder, artifact_path)
+    uri = f"runs:/{run_id}/{artifact_path}"
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    versions = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+                if v.source == uri]
+    version = versions[0] if versions else client.create_model_version(name, uri, run_id=run_id, tags=tags)
+    return ModelSource(uri, uri, run_id, f"models:/{name}/{version.version}")

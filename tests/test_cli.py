@@ -224,6 +224,7 @@ FAILS_EARLY = [
     ("report", lambda t: [], "no evaluations results", 1),
     ("featinv-train", lambda t: ["featinv.layer=stage9"], "has no layer(s) ['stage9']", 1),
     ("reconstruct", lambda t: [f"featinv.base_model={t / 'no_sd'}"], "Stable Diffusion base model", 1),
+    ("reconstruct", lambda t: ["featinv.controlnet=models:/featinv-x/1"], "models:/featinv-x/1: no MLflow database", 1),
 ]
 
 

@@ -15,6 +15,7 @@ import torch
 
 from featmap_ray.featinv.convert import CheckpointMismatch, import_ldm_checkpoint
 from featmap_ray.featinv.loading import build_featinv, load_base_components, load_featinv, tiny_base_components
+from featmap_ray.featinv.pipeline import FeatInvPipeline
 from featmap_ray.featinv.model import FeatInvControlNetModel, ddim_scheduler
 
 LAYERS = 1  # layers_per_block of the tiny UNet
@@ -133,13 +134,25 @@ def source():
 
 
 @pytest.fixture(scope="module")
-def imported(source, tmp_path_factory):
+def imported_dir(source, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("import")
     source.tokenizer.save_pretrained(tmp / "tokenizer_src")
     torch.save({"state_dict": reference_checkpoint(source), "global_step": 10}, tmp / "featinv.ckpt")
-    out = import_ldm_checkpoint(tmp / "featinv.ckpt", tmp / "out", base_config=BASE, backbone="convnext_base", layer="stage3",
-                                tokenizer_dir=tmp / "tokenizer_src")
-    return load_featinv(out / "controlnet", load_base_components(str(out)))
+    return import_ldm_checkpoint(tmp / "featinv.ckpt", tmp / "out", base_config=BASE, backbone="convnext_base",
+                                 layer="stage3", tokenizer_dir=tmp / "tokenizer_src")
+
+
+@pytest.fixture(scope="module")
+def imported(imported_dir):
+    return load_featinv(imported_dir / "controlnet", load_base_components(str(imported_dir)))
+
+
+def test_an_import_with_a_tokenizer_is_a_whole_pipeline(imported_dir, imported):
+    pipe = FeatInvPipeline.from_pretrained(imported_dir)
+    for name in ("vae", "text_encoder", "unet", "controlnet"):
+        ours, theirs = getattr(imported, name).state_dict(), getattr(pipe, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert pipe.tokenizer("a photo").input_ids == imported.tokenizer("a photo").input_ids
 
 
 def test_imported_models_compute_the_same_functions(source, imported):

@@ -7,12 +7,14 @@ import torch
 from featmap_ray.featinv import metrics
 
 
-def test_reconstruction_rows_store_the_lower_median_cosine(monkeypatch):
+def test_reconstruction_rows_store_the_lower_median_cosine():
     """The per-row cosine of a reconstruction is torch.median's lower middle value (FeatInv's rule),
     through the reconstruct job's own call site, on planted maps of 2×3 = 6 positions (even)."""
     from types import SimpleNamespace
 
-    from featmap_ray.featinv import reconstruct, sample
+    from PIL import Image
+
+    from featmap_ray.featinv import reconstruct
 
     cosines = np.array([[0.9, -0.2, 0.5, 0.1, 0.7, 0.3],  # sorted: -0.2 0.1 0.3 | 0.5 0.7 0.9
                         [0.0, 0.8, -0.6, 0.4, 0.2, 0.6]])  # sorted: -0.6 0.0 0.2 | 0.4 0.6 0.8
@@ -21,11 +23,11 @@ def test_reconstruction_rows_store_the_lower_median_cosine(monkeypatch):
     recon_map = torch.zeros(2, 2, 2, 3)
     recon_map[:, 0] = 2.0  # e_x at every position: the cosine at a position is the planted value
 
-    images = np.zeros((2, 8, 8, 3), np.uint8)
-    monkeypatch.setattr(sample, "reconstruct", lambda components, features, seeds, **kw: images)
-    job = object.__new__(reconstruct.Reconstructor)  # no models: sampling and the probe are stand-ins
+    images = [Image.new("RGB", (8, 8))] * 2
+    job = object.__new__(reconstruct.Reconstructor)  # no models: the pipeline and the probe are stand-ins
     job.sampling = SimpleNamespace(steps=1, guidance=1.0, prompt="", negative_prompt="", control_scale=1.0)
-    job.components, job.store = None, None
+    job.pipe = lambda features, generator, **kw: SimpleNamespace(images=images)
+    job.store = None
     job.probe = SimpleNamespace(features=lambda pixels: recon_map, has_classifier=False)
     rows = [{"source_id": sid, "variant": "original", "seed": 100} for sid in ("a", "b")]
     job._reconstruct(source, rows)

@@ -1,6 +1,8 @@
 """The FeatInv reconstruct job on tiny models: keyed rows, PNGs, per-row metrics, bad maps, re-runs, MLflow."""
 
 import io
+import json
+import shutil
 
 import lance
 import mlflow
@@ -12,8 +14,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from featmap_ray import extract, ingest, store, tracking
-from featmap_ray.featinv import reconstruct
+from featmap_ray import cli, extract, ingest, store, tracking
+from featmap_ray.featinv import loading, reconstruct
+from featmap_ray.featinv.pipeline import seeded_generators
 from tests.conftest import TINY_BACKBONES, make_config, write_image
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -135,3 +138,86 @@ def test_a_table_made_with_other_settings_is_not_mixed(reconstructed):
     cfg.featinv.sampling.guidance = 3.0
     with pytest.raises(reconstruct.ReconstructionsMismatch, match="guidance: table 1.75, this run 3.0"):
         reconstruct.run(cfg)
+
+
+# -- the ControlNet by MLflow URI ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def registered(extracted, tmp_path_factory):
+    """A "trained" ControlNet in a folder, also logged to an MLflow run (artefact path `controlnet`) and
+    registered as version 1 of `featinv-test` (alias `best`), with MLflow's own calls."""
+    folder = tmp_path_factory.mktemp("controlnet") / "controlnet"
+    controlnet = loading.featinv_pipeline(extracted).controlnet
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in controlnet.parameters():  # off the zero initialisation, so the maps steer the samples
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    controlnet.save_pretrained(folder)
+    client = mlflow.MlflowClient(tracking.tracking_uri(extracted))
+    run_id = client.create_run(tracking.experiment_id(extracted)).info.run_id
+    client.log_artifacts(run_id, str(folder), "controlnet")
+    client.create_registered_model("featinv-test")
+    client.create_model_version("featinv-test", f"runs:/{run_id}/controlnet", run_id=run_id)
+    client.set_registered_model_alias("featinv-test", "best", "1")
+    return folder, run_id
+
+
+def test_the_controlnet_loads_by_folder_run_and_model_version_uri(extracted, registered):
+    folder, run_id = registered
+    weights = loading.featinv_pipeline(extracted, str(folder)).controlnet.state_dict()
+    for uri, shown in [(f"runs:/{run_id}/controlnet", f"runs:/{run_id}/controlnet"),
+                       ("models:/featinv-test/1", "models:/featinv-test/1"),
+                       ("models:/featinv-test@best", "models:/featinv-test/1")]:
+        pipe = loading.featinv_pipeline(extracted, uri)
+        assert all(torch.equal(v, weights[k]) for k, v in pipe.controlnet.state_dict().items()), uri
+        assert pipe.source.run_id == run_id and str(pipe.source) == f"{shown} (MLflow run {run_id})"
+    assert str(loading.featinv_pipeline(extracted, str(folder)).source) == str(folder)
+
+
+def _copy_without_reconstructions(cfg, destination):
+    """The images and features of `cfg` under another storage root, MLflow still in the original's database."""
+    shutil.copytree(cfg.storage, destination, ignore=shutil.ignore_patterns("reconstructions", "mlflow.db*",
+                                                                            "mlartifacts"))
+    copy = cfg.model_copy(deep=True)
+    copy.storage, copy.mlflow.tracking_uri = str(destination), tracking.tracking_uri(cfg)
+    copy.featinv.sampling.limit, copy.featinv.sampling.num_samples = 2, 1
+    return copy
+
+
+def test_featmap_reconstruct_with_a_model_uri_samples_what_the_folder_does(extracted, registered, tmp_path):
+    folder, run_id = registered
+    cfg = _copy_without_reconstructions(extracted, tmp_path / "store")
+    config = tmp_path / "c.yaml"
+    config.write_text(cfg.dump())
+    assert cli.main(["reconstruct", "--config", str(config), "featinv.controlnet=models:/featinv-test/1"]) == 0
+    st = store.Store(cfg.storage)
+    uri = st.reconstructions_uri("convnext_base", "stage3")
+    table = lance.dataset(uri)
+    made_with = json.loads(table.schema.metadata[b"featmap"])
+    assert made_with["controlnet"] == f"models:/featinv-test/1 (MLflow run {run_id})"
+    rows = table.to_table().to_pylist()
+    assert len(rows) == 2 and {r["seed"] for r in rows} == {100}
+    # The same maps through the folder's pipeline in this process: other batches, equal to float32
+    # rounding, so a pixel may round the other way.
+    pipe = loading.featinv_pipeline(cfg, str(folder))
+    features = lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(filter="variant = 'original'")
+    maps = dict(zip(features["source_id"].to_pylist(), store.tensor_numpy(features["feature"]), strict=True))
+    for row in rows:
+        feature = torch.from_numpy(maps[row["source_id"]].astype(np.float32))[None]
+        [expected] = pipe(feature, seeded_generators([row["seed"]]), num_inference_steps=2).images
+        got = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+        assert np.abs(got.astype(int) - np.asarray(expected).astype(int)).max() <= 1
+
+
+def test_an_unknown_run_or_model_version_stops_reconstruct_before_any_work(extracted, registered, tmp_path, capsys):
+    _, run_id = registered
+    cfg = _copy_without_reconstructions(extracted, tmp_path / "store")
+    config = tmp_path / "c.yaml"
+    config.write_text(cfg.dump())
+    for uri, message in [("models:/featinv-test/7", "version=7"), ("models:/featinv-nope@best", "featinv-nope"),
+                         (f"runs:/{'0' * 32}/controlnet", "0" * 32),
+                         (f"runs:/{run_id}/nothere", "no artefacts under 'nothere'")]:
+        assert cli.main(["reconstruct", "--config", str(config), f"featinv.controlnet={uri}"]) == 1
+        err = capsys.readouterr().err
+        assert f"featmap reconstruct: error: {uri}: " in err and message in err, err
+    assert not (tmp_path / "store" / "reconstructions").exists()

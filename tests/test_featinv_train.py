@@ -64,8 +64,6 @@ def _denoising_loss(components, pixels, features) -> float:
     """Independent definition: ε-prediction MSE at fixed noise and timesteps, conditioned on the training prompt."""
     from diffusers import DDPMScheduler
 
-    from featmap_ray.featinv import sample
-
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear")
     with torch.no_grad():
@@ -73,7 +71,7 @@ def _denoising_loss(components, pixels, features) -> float:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
         t = torch.linspace(50, 999, len(pixels)).long()
         noisy = scheduler.add_noise(latents, noise, t)
-        text = sample.encode_prompts(components, [TRAINING_PROMPT]).expand(len(pixels), -1, -1)
+        text = components.encode_prompt([TRAINING_PROMPT]).expand(len(pixels), -1, -1)
         down, mid = components.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=features,
                                           return_dict=False)
         pred = components.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
@@ -129,6 +127,17 @@ def test_training_lowers_the_loss_and_a_rerun_resumes_from_the_saved_step(ingest
     assert (second.start_step, second.step) == (6, 8)
     assert second.mlflow_run_id == first.mlflow_run_id
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    # Each run's final ControlNet: artefacts of the training's MLflow run, and a registered model version.
+    run_id = first.mlflow_run_id
+    for summary, version, step in ((first, "1", 6), (second, "2", 8)):
+        assert summary.registered.registered == f"models:/featinv-convnext_base-stage3/{version}"
+        assert summary.registered.uri == f"runs:/{run_id}/controlnet/step_{step:07d}"
+        registered = client.get_model_version("featinv-convnext_base-stage3", version)
+        assert (registered.run_id, registered.source) == (run_id, summary.registered.uri)
+        assert registered.tags == {"run_name": "fit", "step": str(step)}
+    logged = client.download_artifacts(run_id, "controlnet/step_0000006", str(tmp_path))
+    weights = loading.load_featinv(logged, loading.tiny_base_components()).controlnet.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in trained.controlnet.state_dict().items())
     history = client.get_metric_history(first.mlflow_run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 9))  # every step logged once: no restart from 0
     samples = {a.path for a in client.list_artifacts(first.mlflow_run_id, "samples")}
@@ -153,20 +162,20 @@ def _fit_in_this_process(cfg, storage_path):
 
 def test_training_encodes_the_training_prompt_and_the_sample_grid_the_sampling_prompt(ingested, tmp_path,
                                                                                        monkeypatch):
-    from featmap_ray.featinv import sample
+    from featmap_ray.featinv.pipeline import FeatInvPipeline
 
     cfg = _config(ingested.storage, ingested.dataset.root, max_steps=1, sample_every=1, run_name="prompt",
                   features_source="table")
     assert cfg.featinv.training.prompt == TRAINING_PROMPT
     assert cfg.featinv.sampling.prompt == TRAINING_PROMPT + ", "  # the reference's sampling text (spec §10.6)
     encoded = []
-    encode = sample.encode_prompts
+    encode = FeatInvPipeline.encode_prompt
 
-    def recording(components, prompts):
+    def recording(pipe, prompts):
         encoded.append(list(prompts))
-        return encode(components, prompts)
+        return encode(pipe, prompts)
 
-    monkeypatch.setattr(sample, "encode_prompts", recording)
+    monkeypatch.setattr(FeatInvPipeline, "encode_prompt", recording)
     _fit_in_this_process(cfg, tmp_path)
     # The training text and the dropped-out text "", then the grid's conditional and unconditional texts.
     assert encoded == [[TRAINING_PROMPT, ""], [cfg.featinv.sampling.prompt], [cfg.featinv.sampling.negative_prompt]]

@@ -220,3 +220,47 @@ def test_sqlite_with_a_bucket_storage_root_keeps_artefacts_in_the_bucket(s3_serv
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="featmap-mlflow",
                                                                  Prefix="featmap/mlartifacts/")["Contents"]}
     assert f"featmap/mlartifacts/{run_id}/artifacts/report.md" in keys
+
+
+# -- models: weight folders logged to runs, registered, and found again by URI -----------------------
+
+@pytest.mark.parametrize("server", [False, True], ids=["sqlite", "server"])
+def test_a_model_folder_is_registered_and_found_again_by_its_uris(tmp_path, request, server):
+    from mlflow import MlflowClient
+
+    cfg = _cfg(tmp_path, **({"tracking_uri": request.getfixturevalue("mlflow_server")[0]} if server else {}))
+    folder = tmp_path / "cn"
+    folder.mkdir()
+    files = {"config.json": b"{}", "weights.bin": bytes(range(256))}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    run_id = client.create_run(tracking.experiment_id(cfg)).info.run_id
+
+    first = tracking.register_model(cfg, run_id, str(folder), "cn/step_1", "featinv-t", {"step": "1"})
+    assert (first.uri, first.run_id, first.registered) == (f"runs:/{run_id}/cn/step_1", run_id, "models:/featinv-t/1")
+    # The same artefacts again (a re-run that trained no further): the same version, no new one.
+    assert tracking.register_model(cfg, run_id, str(folder), "cn/step_1", "featinv-t", {"step": "1"}) == first
+    second = tracking.register_model(cfg, run_id, str(folder), "cn/step_2", "featinv-t", {"step": "2"})
+    assert second.registered == "models:/featinv-t/2"
+    assert client.get_model_version("featinv-t", "2").tags == {"step": "2"}
+    client.set_registered_model_alias("featinv-t", "best", "1")
+
+    for i, (uri, registered) in enumerate([(first.uri, None), ("models:/featinv-t/1", "models:/featinv-t/1"),
+                                           ("models:/featinv-t@best", "models:/featinv-t/1")]):
+        source = tracking.model_source(cfg, uri)
+        assert (source.uri, source.run_id, source.registered) == (uri, run_id, registered)
+        local = Path(tracking.download_model(cfg, source, str(tmp_path / f"download{i}")))
+        assert {p.name: p.read_bytes() for p in local.iterdir()} == files
+    assert str(tracking.model_source(cfg, "models:/featinv-t@best")) == f"models:/featinv-t/1 (MLflow run {run_id})"
+    plain = tracking.model_source(cfg, "s3://bucket/cn")  # a folder: nothing to look up
+    assert (str(plain), plain.artifact_uri, plain.run_id) == ("s3://bucket/cn", "s3://bucket/cn", None)
+
+    for uri, message in [("models:/nope/1", "nope"), ("models:/featinv-t/9", "version=9"),
+                         ("models:/featinv-t@worst", "alias worst"), (f"runs:/{'0' * 32}/cn", "0" * 32),
+                         (f"runs:/{run_id}/nothere", "no artefacts under 'nothere'")]:
+        with pytest.raises(tracking.ModelNotFound, match=message) as err:
+            tracking.model_source(cfg, uri)
+        assert str(err.value).startswith(uri) and tracking.tracking_uri(cfg) in str(err.value)
+    with pytest.raises(ValueError, match="expected runs:/<run_id>/<artifact path>, models:/<name>/<version>"):
+        tracking.model_source(cfg, "models:/featinv-t")

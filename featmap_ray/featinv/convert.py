@@ -43,6 +43,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from featmap_ray.featinv.model import FeatInvControlNetModel, ddim_scheduler
+from featmap_ray.featinv.pipeline import FeatInvPipeline
 
 BASE_CONFIG_DEFAULTS = {"image_size": 256, "num_heads": 8, "text_num_heads": 12, "scale_factor": 0.18215}
 
@@ -162,10 +163,10 @@ def import_ldm_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, base_co
                           tokenizer_dir: str | Path | None = None, max_listed: int = 20) -> Path:
     """Convert a reference FeatInv checkpoint into `out_dir/{controlnet,unet,vae,text_encoder,scheduler}`.
 
-    `out_dir/controlnet` is a FeatInvControlNetModel folder (`load_featinv`); with `tokenizer_dir`
-    (a CLIP tokenizer folder, e.g. the base model's `tokenizer/`) `out_dir` is also a complete
-    base for `load_base_components`. The pooled flag and the bookkeeping (backbone, layer, feature
-    size) are not in the checkpoint and are recorded as given.
+    `out_dir/controlnet` is a FeatInvControlNetModel folder (`load_featinv`); with `tokenizer_dir` (a CLIP
+    tokenizer folder, e.g. the base model's `tokenizer/`) `out_dir` is also a complete base for
+    `load_base_components`, and a whole `FeatInvPipeline.from_pretrained` folder. The pooled flag and the
+    bookkeeping (backbone, layer, feature size) are not in the checkpoint and are recorded as given.
     """
     unknown = set(base_config or {}) - set(BASE_CONFIG_DEFAULTS)
     if unknown:
@@ -224,8 +225,11 @@ def import_ldm_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, base_co
     out_dir = Path(out_dir)
     for name, model in models.items():
         model.load_state_dict(converted[name], strict=True)
+    if tokenizer_dir is not None:  # the same subfolders, plus model_index.json
+        FeatInvPipeline(tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)), scheduler=ddim_scheduler(),
+                        **models).save_pretrained(out_dir)
+        return out_dir
+    for name, model in models.items():
         model.save_pretrained(out_dir / name)
     ddim_scheduler().save_pretrained(out_dir / "scheduler")
-    if tokenizer_dir is not None:
-        CLIPTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(out_dir / "tokenizer")
     return out_dir

@@ -3,13 +3,18 @@
 The base is a Stable Diffusion 1.x in diffusers layout (a local folder, or a hub id resolved from the
 local Hugging Face cache; missing weights are an error, never a silent fallback) or tiny random
 SD-shaped models built from configs (tests, demos, benchmarks). The ControlNet is either new
-(initialised from the base UNet, `build_featinv`) or a saved one (`load_featinv`). `featinv_components`
-puts the two together the way `featinv.*` in the config says; the reconstruct and training jobs use it.
+(initialised from the base UNet, `build_featinv`) or a saved one (`load_featinv`): a folder (local
+or in the object store), or an MLflow model URI (`runs:/<run_id>/<path>`, `models:/<name>/<version>`,
+`models:/<name>@<alias>`), downloaded to a temporary folder. `featinv_pipeline` puts the two together
+the way `featinv.*` in the config says; the reconstruct and training jobs and the service use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,10 +22,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from featmap_ray import backbones
+from featmap_ray import backbones, tracking
 from featmap_ray.config import Config
 from featmap_ray.featinv.data import featinv_backbone
-from featmap_ray.featinv.model import FeatInvComponents, FeatInvControlNetModel, ddim_scheduler
+from featmap_ray.featinv.model import FeatInvControlNetModel, ddim_scheduler
+from featmap_ray.featinv.pipeline import FeatInvPipeline
 from featmap_ray.storage import Location
 
 BASE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "unet")
@@ -41,7 +47,7 @@ def _freeze(*models: nn.Module) -> None:
 
 def build_featinv(base: BaseComponents, *, feature_channels: int, pooled: bool = False, backbone: str | None = None,
                   layer: str | None = None, feature_height: int | None = None, feature_width: int | None = None,
-                  encoder_hidden_channels: int = 512) -> FeatInvComponents:
+                  encoder_hidden_channels: int = 512) -> FeatInvPipeline:
     """A new (untrained) FeatInv model on a frozen base: the ControlNet is initialised from the UNet."""
     vae, text_encoder, tokenizer, unet = base
     _freeze(vae, text_encoder, unet)
@@ -49,10 +55,10 @@ def build_featinv(base: BaseComponents, *, feature_channels: int, pooled: bool =
         unet, feature_channels=feature_channels, pooled=pooled, backbone=backbone, layer=layer,
         feature_height=feature_height, feature_width=feature_width, encoder_hidden_channels=encoder_hidden_channels)
     controlnet.eval()
-    return FeatInvComponents(vae, text_encoder, tokenizer, unet, controlnet, ddim_scheduler())
+    return FeatInvPipeline(vae, text_encoder, tokenizer, unet, controlnet, ddim_scheduler())
 
 
-def load_featinv(controlnet_dir: str | Path, base: BaseComponents) -> FeatInvComponents:
+def load_featinv(controlnet_dir: str | Path, base: BaseComponents) -> FeatInvPipeline:
     """A trained FeatInv ControlNet (a `save_pretrained` folder) on a frozen base."""
     vae, text_encoder, tokenizer, unet = base
     controlnet = FeatInvControlNetModel.from_pretrained(str(controlnet_dir), low_cpu_mem_usage=False)
@@ -61,7 +67,7 @@ def load_featinv(controlnet_dir: str | Path, base: BaseComponents) -> FeatInvCom
             raise ValueError(f"ControlNet {controlnet_dir} was built for a UNet with {key}={controlnet.config[key]}, "
                              f"the base UNet has {unet.config[key]}")
     _freeze(vae, text_encoder, unet, controlnet)
-    return FeatInvComponents(vae, text_encoder, tokenizer, unet, controlnet, ddim_scheduler())
+    return FeatInvPipeline(vae, text_encoder, tokenizer, unet, controlnet, ddim_scheduler())
 
 
 def _as_list(value) -> list:
@@ -160,21 +166,35 @@ def base_components(name: str) -> BaseComponents:
     return tiny_base_components(seed=0) if name == "tiny" else load_base_components(name)
 
 
-def featinv_components(cfg: Config, controlnet_dir: str | None = None) -> FeatInvComponents:
-    """The FeatInv model of the config: the ControlNet in `controlnet_dir` or `featinv.controlnet`,
-    else a fresh one made from the base UNet (seeded: every worker and actor builds the same)."""
+@contextlib.contextmanager
+def local_folder(cfg: Config, source: tracking.ModelSource) -> Iterator[str]:
+    """A local copy of a model's folder while the context lasts (diffusers reads local folders)."""
+    if tracking.is_model_uri(source.uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            yield tracking.download_model(cfg, source, tmp)
+    else:
+        with Location(source.uri).local_copy() as local:
+            yield local
+
+
+def featinv_pipeline(cfg: Config, controlnet: str | None = None) -> FeatInvPipeline:
+    """The FeatInv model of the config: the ControlNet at `controlnet` or `featinv.controlnet` (a folder or
+    an MLflow model URI; the pipeline's `source` says where it came from), else a fresh one made from
+    the base UNet (seeded: every worker and actor builds the same)."""
     fi = cfg.featinv
     request, layer = featinv_backbone(cfg)
     base = base_components(fi.base_model)
-    path = controlnet_dir or fi.controlnet
-    if path:
-        with Location(path).local_copy() as local:  # diffusers reads a local folder
-            components = load_featinv(local, base)
-        trained_on = (components.controlnet.config.backbone, components.controlnet.config.layer)
+    where = controlnet or fi.controlnet
+    if where:
+        source = tracking.model_source(cfg, where)
+        with local_folder(cfg, source) as local:
+            pipe = load_featinv(local, base)
+        trained_on = (pipe.controlnet.config.backbone, pipe.controlnet.config.layer)
         if None not in trained_on and trained_on != (request.name, layer):
-            raise ValueError(f"FeatInv ControlNet {path} inverts {trained_on[0]}/{trained_on[1]}, but the config "
+            raise ValueError(f"FeatInv ControlNet {where} inverts {trained_on[0]}/{trained_on[1]}, but the config "
                              f"selects {request.name}/{layer} (featinv.backbone / featinv.layer)")
-        return components
+        pipe.source = source
+        return pipe
     channels, height, width = backbones.feature_shapes(backbones.get_spec(request.name), request, [layer])[layer]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.featinv.training.seed)

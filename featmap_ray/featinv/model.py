@@ -1,30 +1,26 @@
-"""FeatInv on diffusers: feature encoder, feature-conditioned ControlNet, component container, DDIM sampler.
+"""FeatInv on diffusers: feature encoder, feature-conditioned ControlNet, DDIM sampler.
 
 FeatInv (Neukirch et al. 2025) is a ControlNet on MiniSD (Stable Diffusion 1.4 finetuned at 256×256)
 whose conditioning input is a backbone's feature map instead of an image. The only new module is
 the conditioning embedding (`FeatureEncoder`): the map is resized to the latent grid (32×32) and
 passed through a shallow CNN to the UNet's first width (320), then added after `conv_in`, exactly
 where diffusers' `ControlNetModel` adds its pixel-space embedding. Everything else is diffusers.
-`FeatInvComponents` holds the frozen base model, the ControlNet and the DDIM sampler; `loading.py`
-builds and loads it.
+`pipeline.FeatInvPipeline` holds the frozen base model, the ControlNet and the DDIM sampler;
+`loading.py` builds and loads it.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    ControlNetModel,
-    DDIMScheduler,
-    UNet2DConditionModel,
-)
+# ModelMixin is a name of this module on purpose: a saved FeatInvPipeline's model_index.json names the
+# ControlNet ["featmap_ray.featinv.model", "FeatInvControlNetModel"], and diffusers' from_pretrained
+# finds its loading method by looking up the base class names (ModelMixin, ...) in that module.
+from diffusers import ControlNetModel, DDIMScheduler, ModelMixin, UNet2DConditionModel  # noqa: F401
 from diffusers.configuration_utils import register_to_config
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
 
 
 class FeatureMismatch(ValueError):
@@ -150,41 +146,6 @@ class FeatInvControlNetModel(ControlNetModel):
                                       f"{expected[0]}×{expected[1]}, got {shape[2]}×{shape[3]} (axis {axis + 2})")
         if not torch.isfinite(features).all():
             raise FeatureMismatch(f"features for {where} contain NaN or Inf values")
-
-
-@dataclass
-class FeatInvComponents:
-    """The frozen base model, the FeatInv ControlNet and the DDIM sampler."""
-
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    unet: UNet2DConditionModel
-    controlnet: FeatInvControlNetModel
-    scheduler: DDIMScheduler
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FeatInvComponents:
-        for model in (self.vae, self.text_encoder, self.unet, self.controlnet):
-            model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
-        return self
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_size(self) -> int:
-        """Side of the latent grid; the feature encoder's output size (= unet sample_size by default)."""
-        return self.controlnet.config.latent_size
-
-    @property
-    def image_size(self) -> int:
-        """Side of the generated images in pixels (256 for MiniSD)."""
-        return self.latent_size * self.vae_scale_factor
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
 
 def ddim_scheduler() -> DDIMScheduler:

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
-from featmap_ray import backbones, imageio, store
+from featmap_ray import backbones, imageio, store, tracking
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.cosine import median_cosine
 from featmap_ray.featinv import data, fid, metrics
 
-# diffusers (featinv.loading, featinv.model, featinv.sample) is imported where it is used: Ray Data
+# diffusers (featinv.loading, featinv.model, featinv.pipeline) is imported where it is used: Ray Data
 # task workers that only run this module's light UDFs then start without it.
 
 STAGE = "reconstruct"
@@ -70,14 +69,16 @@ def select_pending(batch: dict[str, np.ndarray], seeds: list[int], done: frozens
 
 
 class Reconstructor:
-    """Ray Data actor: feature maps + seeds -> reconstruction rows (PNG and per-row metrics) or failure rows."""
+    """Ray Data actor: feature maps + seeds -> reconstruction rows (PNG and per-row metrics) or failure rows.
+    `controlnet`: the ControlNet as the driver resolved it (an MLflow alias pinned to its version)."""
 
-    def __init__(self, cfg: Config, generator: str, schema: pa.Schema):
+    def __init__(self, cfg: Config, generator: str, schema: pa.Schema, controlnet: str | None = None):
         from featmap_ray.featinv import loading
 
         self.device = _use_cores(cfg.featinv.sampling.num_gpus > 0)
         self.sampling = cfg.featinv.sampling
-        self.components = loading.featinv_components(cfg).to(self.device)
+        self.pipe = loading.featinv_pipeline(cfg, controlnet).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)  # one bar per batch would flood the actors' logs
         request, layer = data.featinv_backbone(cfg)
         self.probe = metrics.BackboneProbe(request, layer, self.device)
         self.store = store.Store(cfg.storage)
@@ -91,7 +92,7 @@ class Reconstructor:
             labels = {k: batch[k][i] for k in LABELS}
             feature = torch.as_tensor(np.asarray(batch["feature"][i], np.float32))[None]
             try:
-                self.components.controlnet.check_features(feature)
+                self.pipe.controlnet.check_features(feature)
             except FeatureMismatch as e:  # one failure row per map, whatever the number of seeds
                 rows.append({**labels, "generator": self.generator, "seed": int(seeds[0]),
                              **store.failure("feature_mismatch", f"{labels['source_id']}/{labels['variant']} "
@@ -111,13 +112,13 @@ class Reconstructor:
         return pa.Table.from_pylist(rows, schema=self.schema)
 
     def _reconstruct(self, features: torch.Tensor, rows: list[dict]) -> None:
-        from featmap_ray.featinv import sample
+        from featmap_ray.featinv.pipeline import seeded_generators
 
         s = self.sampling
-        images = sample.reconstruct(self.components, features, [r["seed"] for r in rows], steps=s.steps,
-                                    guidance=s.guidance, prompt=s.prompt, negative_prompt=s.negative_prompt,
-                                    control_scale=s.control_scale)
-        pixels = torch.from_numpy(images)
+        images = self.pipe(features, seeded_generators([r["seed"] for r in rows]), num_inference_steps=s.steps,
+                           guidance_scale=s.guidance, prompt=s.prompt, negative_prompt=s.negative_prompt,
+                           controlnet_conditioning_scale=s.control_scale).images
+        pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images]))
         cosine = median_cosine(features, self.probe.features(pixels), "lower").tolist()  # torch.median, as FeatInv
         agreement = [(None, None, None)] * len(rows)
         if self.probe.has_classifier:
@@ -130,7 +131,7 @@ class Reconstructor:
                 for j, i in enumerate(have):
                     agreement[i] = (int(top1[j]), bool(match1[j]), bool(match5[j]))
         for row, image, cos, (top1, match1, match5) in zip(rows, images, cosine, agreement, strict=True):
-            row.update(image=imageio.encode_png(Image.fromarray(image)), width=image.shape[1], height=image.shape[0],
+            row.update(image=imageio.encode_png(image), width=image.width, height=image.height,
                        cos_median_lower=cos, source_top1=top1, top1_match=match1, top5_match=match5)
 
 
@@ -242,12 +243,14 @@ class ReconstructReport(store.StageSummary):
         return super().__str__() + (f"\n{self.metrics}" if self.metrics else "")
 
 
-def made_with(cfg: Config, request: BackboneRequest, layer: str) -> dict[str, object]:
-    """What a reconstruction depends on besides its key: recorded in the table, checked on re-runs."""
+def made_with(cfg: Config, request: BackboneRequest, layer: str,
+              controlnet: tracking.ModelSource | None) -> dict[str, object]:
+    """What a reconstruction depends on besides its key: recorded in the table, checked on re-runs.
+    `controlnet`: where featinv.controlnet resolved to (None: a fresh ControlNet)."""
     fi, s = cfg.featinv, cfg.featinv.sampling
     return {"backbone": request.name, "layer": layer, "base_model": fi.base_model,
-            "controlnet": fi.controlnet or f"fresh from the base UNet (pooled={fi.pooled})", "steps": s.steps,
-            "guidance": s.guidance, "prompt": s.prompt, "negative_prompt": s.negative_prompt,
+            "controlnet": str(controlnet) if controlnet else f"fresh from the base UNet (pooled={fi.pooled})",
+            "steps": s.steps, "guidance": s.guidance, "prompt": s.prompt, "negative_prompt": s.negative_prompt,
             "control_scale": s.control_scale}
 
 
@@ -269,8 +272,6 @@ def _mlflow_run(cfg: Config, name: str) -> Iterator[None]:
     """A run of its own, or a child of the caller's active run (e.g. the CLI's stage run)."""
     import mlflow
 
-    from featmap_ray import tracking
-
     active = mlflow.active_run()
     if active is None:
         with tracking.stage_run(cfg, name):
@@ -282,8 +283,6 @@ def _mlflow_run(cfg: Config, name: str) -> Iterator[None]:
 
 def _log(cfg: Config, report: ReconstructReport) -> None:
     import mlflow
-
-    from featmap_ray import tracking
 
     m = report.metrics
     request, layer = data.featinv_backbone(cfg)
@@ -308,7 +307,9 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *,
     st = store.Store(cfg.storage)
     s = cfg.featinv.sampling
     uri = st.reconstructions_uri(request.name, layer)
-    meta = made_with(cfg, request, layer)
+    # An unknown MLflow run or model version fails here, before any work.
+    controlnet = tracking.model_source(cfg, cfg.featinv.controlnet) if cfg.featinv.controlnet else None
+    meta = made_with(cfg, request, layer, controlnet)
     check_made_with(st, uri, meta)
     schema = store.reconstructions_schema(meta)
     seeds = _seeds(cfg)
@@ -322,7 +323,8 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *,
             ds.map_batches(select_pending, batch_size=s.batch_size, batch_format="numpy",
                            fn_kwargs={"seeds": seeds, "done": done, "keep": keep})
             .map_batches(Reconstructor, batch_size=s.batch_size, batch_format="numpy",
-                         fn_constructor_args=(cfg, generator, schema),
+                         fn_constructor_args=(cfg, generator, schema,
+                                              controlnet and (controlnet.registered or controlnet.uri)),
                          compute=ray.data.ActorPoolStrategy(size=s.num_actors), num_gpus=s.num_gpus)
         )
     summary = store.write_stage(st, f"{STAGE}:{generator}", pipeline,

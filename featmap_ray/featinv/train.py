@@ -16,7 +16,11 @@ before the backbone, so image and map stay aligned) or read from the features ta
 Checkpoints (ControlNet in diffusers format + optimiser + step) go to <storage>/featinv/<run_name>;
 running again with the same run_name and a larger max_steps continues from the last one. The
 final ControlNet is copied to <storage>/featinv/<run_name>/controlnet (`featinv.controlnet` for
-`featmap reconstruct`). Rank 0 logs to MLflow: params, the loss, and sample reconstructions.
+`featmap reconstruct`). Rank 0 logs to MLflow: params, the loss, and sample reconstructions. At the
+end the driver logs the final ControlNet as artefacts of that MLflow run (`controlnet/step_<step>`:
+a resumed run keeps its run, so each final step has its own folder) and registers them as a version
+of the model `featinv.training.registered_model` (default `featinv-<backbone>-<layer>`); the
+`runs:/` and `models:/` URIs it prints are `featinv.controlnet` values too.
 """
 
 from __future__ import annotations
@@ -34,13 +38,13 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from featmap_ray import backbones, store
+from featmap_ray import backbones, store, tracking
 from featmap_ray.config import Config
 from featmap_ray.featinv import data, metrics
 from featmap_ray.storage import Location
 
 if TYPE_CHECKING:
-    from featmap_ray.featinv.model import FeatInvComponents
+    from featmap_ray.featinv.pipeline import FeatInvPipeline
 
 STAGE = "featinv-train"
 STATE_FILE = "training_state.pt"
@@ -108,7 +112,7 @@ def conditioning(batch: dict[str, torch.Tensor], probe: metrics.BackboneProbe | 
     return pixels, probe.features(pixels).clone()  # a normal tensor: inference tensors cannot enter autograd
 
 
-def diffusion_loss(components: FeatInvComponents, controlnet: torch.nn.Module, pixels: torch.Tensor,
+def diffusion_loss(pipe: FeatInvPipeline, controlnet: torch.nn.Module, pixels: torch.Tensor,
                    features: torch.Tensor, text: torch.Tensor, noise_scheduler, dropout: float,
                    generator: torch.Generator) -> torch.Tensor:
     """Noise-prediction MSE of the frozen UNet plus the ControlNet's residuals, with joint conditioning dropout.
@@ -116,8 +120,8 @@ def diffusion_loss(components: FeatInvComponents, controlnet: torch.nn.Module, p
     `text` holds the embeddings of (prompt, ""); `controlnet` may be DDP-wrapped."""
     device, n = features.device, len(features)
     with torch.no_grad():
-        x = metrics.resize_pixels(pixels, components.image_size) * 2 - 1
-        latents = components.vae.encode(x).latent_dist.sample(generator) * components.vae.config.scaling_factor
+        x = metrics.resize_pixels(pixels, pipe.image_size) * 2 - 1
+        latents = pipe.vae.encode(x).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=device)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
@@ -125,28 +129,28 @@ def diffusion_loss(components: FeatInvComponents, controlnet: torch.nn.Module, p
     features = features * ~drop[:, None, None, None]
     encoder_states = text[drop.long()]
     down, mid = controlnet(noisy, t, encoder_hidden_states=encoder_states, controlnet_cond=features, return_dict=False)
-    pred = components.unet(noisy, t, encoder_hidden_states=encoder_states, down_block_additional_residuals=down,
-                           mid_block_additional_residual=mid, return_dict=False)[0]
+    pred = pipe.unet(noisy, t, encoder_hidden_states=encoder_states, down_block_additional_residuals=down,
+                     mid_block_additional_residual=mid, return_dict=False)[0]
     return F.mse_loss(pred.float(), noise.float())
 
 
-def sample_grid(components: FeatInvComponents, cfg: Config, features: torch.Tensor,
-                pixels: torch.Tensor) -> np.ndarray:
+def sample_grid(pipe: FeatInvPipeline, cfg: Config, features: torch.Tensor, pixels: torch.Tensor) -> np.ndarray:
     """Views (top row) over their reconstructions (bottom row), uint8 HWC."""
-    from featmap_ray.featinv import sample
+    from featmap_ray.featinv.pipeline import seeded_generators
 
     # The grid previews what `featmap reconstruct` will make of these maps, so it samples with
     # featinv.sampling's prompt (trailing ", "), guidance and control scale. The reference's ImageLogger
     # instead samples with the batch's training text at CFG 9.0 (spec §10.4, cldm.py log_images).
     s = cfg.featinv.sampling
-    components.controlnet.eval()
-    images = sample.reconstruct(components, features, [s.seed] * len(features), steps=cfg.featinv.training.sample_steps,
-                                guidance=s.guidance, prompt=s.prompt, negative_prompt=s.negative_prompt,
-                                control_scale=s.control_scale)
-    components.controlnet.train()
-    views = (metrics.resize_pixels(pixels, components.image_size) * 255).round().byte()
+    pipe.controlnet.eval()
+    images = pipe(features, seeded_generators([s.seed] * len(features)),
+                  num_inference_steps=cfg.featinv.training.sample_steps, guidance_scale=s.guidance, prompt=s.prompt,
+                  negative_prompt=s.negative_prompt, controlnet_conditioning_scale=s.control_scale).images
+    pipe.controlnet.train()
+    views = (metrics.resize_pixels(pixels, pipe.image_size) * 255).round().byte()
     views = views.permute(0, 2, 3, 1).cpu().numpy()
-    return np.concatenate([np.concatenate(list(views), axis=1), np.concatenate(list(images), axis=1)], axis=0)
+    reconstructions = np.concatenate([np.asarray(image) for image in images], axis=1)
+    return np.concatenate([np.concatenate(list(views), axis=1), reconstructions], axis=0)
 
 
 # -- The loop on every Ray Train worker -------------------------------------------------------
@@ -175,7 +179,7 @@ def _mlflow_run(cfg: Config, run_id: str | None, rank: int) -> Iterator[str | No
             yield run_id
 
 
-def _load(cfg: Config) -> tuple[FeatInvComponents, dict]:
+def _load(cfg: Config) -> tuple[FeatInvPipeline, dict]:
     """The FeatInv model and the training state: from the run's last checkpoint, else new."""
     import ray.train
 
@@ -183,10 +187,10 @@ def _load(cfg: Config) -> tuple[FeatInvComponents, dict]:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return loading.featinv_components(cfg), {"step": 0, "mlflow_run_id": None}
+        return loading.featinv_pipeline(cfg), {"step": 0, "mlflow_run_id": None}
     with checkpoint.as_directory() as d:
-        components = loading.featinv_components(cfg, controlnet_dir=os.path.join(d, "controlnet"))
-        return components, torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        pipe = loading.featinv_pipeline(cfg, os.path.join(d, "controlnet"))
+        return pipe, torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
 
 
 def train_loop(config: dict) -> None:
@@ -195,25 +199,24 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     from diffusers import DDPMScheduler
 
-    from featmap_ray.featinv import sample
-
     cfg = Config.model_validate(config["cfg"])
     tr = cfg.featinv.training
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
 
     # Models: the frozen base, the trainable ControlNet, the backbone for on-the-fly maps.
-    components, state = _load(cfg)
-    components.to(device)
-    controlnet = components.controlnet
+    pipe, state = _load(cfg)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)  # the sample grids' bars would interleave with Ray Train's output
+    controlnet = pipe.controlnet
     controlnet.requires_grad_(True).train()
     ddp_controlnet = ray.train.torch.prepare_model(controlnet, move_to_device=False)  # DDP with > 1 worker
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
-    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)  # the sampler's betas
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the sampler's betas
     with torch.no_grad():
-        text = sample.encode_prompts(components, [tr.prompt, ""])  # index 1: the dropped-out text
+        text = pipe.encode_prompt([tr.prompt, ""])  # index 1: the dropped-out text
     probe = None
     if tr.features_source == "on_the_fly":
         probe = metrics.BackboneProbe(*data.featinv_backbone(cfg), device)
@@ -234,7 +237,7 @@ def train_loop(config: dict) -> None:
                 pixels, features = conditioning(batch, probe, tr.hflip, generator)
                 if grid_inputs is None:
                     grid_inputs = features[:SAMPLES].clone(), pixels[:SAMPLES].clone()
-                loss = diffusion_loss(components, ddp_controlnet, pixels, features, text, noise_scheduler,
+                loss = diffusion_loss(pipe, ddp_controlnet, pixels, features, text, noise_scheduler,
                                       tr.conditioning_dropout, generator)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
@@ -250,7 +253,7 @@ def train_loop(config: dict) -> None:
                 if rank == 0 and (step % tr.log_every == 0 or step == tr.max_steps):
                     mlflow.log_metric("loss", float(np.mean(losses[-tr.log_every:])), step=step)
                 if rank == 0 and step % tr.sample_every == 0:
-                    mlflow.log_image(sample_grid(components, cfg, *grid_inputs), f"samples/step_{step:07d}.png")
+                    mlflow.log_image(sample_grid(pipe, cfg, *grid_inputs), f"samples/step_{step:07d}.png")
                 if step % tr.checkpoint_every == 0 or step == tr.max_steps:
                     _save(controlnet, optimizer, rank, {"step": step, "start_step": start_step, "mlflow_run_id": run_id,
                                                         "loss": float(np.mean(losses[-tr.log_every:]))})
@@ -287,11 +290,21 @@ class TrainSummary:
     controlnet: str  # the final ControlNet, diffusers format: featinv.controlnet for `featmap reconstruct`
     checkpoint: str
     mlflow_run_id: str | None
+    registered: tracking.ModelSource | None = None  # the final ControlNet in MLflow: run artefacts, model version
 
     def __str__(self) -> str:
         loss = "n/a" if self.loss is None else f"{self.loss:.4f}"
-        return (f"[{STAGE}] run {self.run_name}: steps {self.start_step} -> {self.step}, loss {loss}\n"
+        text = (f"[{STAGE}] run {self.run_name}: steps {self.start_step} -> {self.step}, loss {loss}\n"
                 f"  ControlNet: {self.controlnet}\n  checkpoint: {self.checkpoint}")
+        if self.registered is not None:
+            text += f"\n  MLflow: {self.registered.registered} ({self.registered.uri})"
+        return text
+
+
+def registered_model_name(cfg: Config) -> str:
+    """featinv.training.registered_model, else `featinv-<backbone>-<layer>`."""
+    request, layer = data.featinv_backbone(cfg)
+    return cfg.featinv.training.registered_model or f"featinv-{request.name}-{layer}"
 
 
 def first_worker_error(error: Exception) -> Exception:
@@ -330,9 +343,15 @@ def run(cfg: Config) -> TrainSummary:
     if result.checkpoint is None:
         raise RuntimeError(f"featinv training run {tr.run_name} reported no checkpoint (max_steps {tr.max_steps})")
     final = Location(storage) / tr.run_name / "controlnet"
-    with result.checkpoint.as_directory() as d, final.staged() as out:
-        shutil.copytree(os.path.join(d, "controlnet"), out, dirs_exist_ok=True)
     m = result.metrics or {}
-    return TrainSummary(tr.run_name, int(m.get("start_step", m.get("step", 0))), int(m.get("step", 0)), m.get("loss"),
-                        str(final), result.checkpoint.path, m.get("mlflow_run_id"))
+    step, run_id, registered = int(m.get("step", 0)), m.get("mlflow_run_id"), None
+    with result.checkpoint.as_directory() as d:
+        with final.staged() as out:
+            shutil.copytree(os.path.join(d, "controlnet"), out, dirs_exist_ok=True)
+        if run_id is not None:
+            registered = tracking.register_model(cfg, run_id, os.path.join(d, "controlnet"),
+                                                 f"controlnet/step_{step:07d}", registered_model_name(cfg),
+                                                 {"run_name": tr.run_name, "step": str(step)})
+    return TrainSummary(tr.run_name, int(m.get("start_step", step)), step, m.get("loss"), str(final),
+                        result.checkpoint.path, run_id, registered)
 

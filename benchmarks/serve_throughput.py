@@ -1,0 +1,126 @@
+"""FeatInv service throughput: dynamic batching (`@serve.batch`) against the same deployments with max_batch_size=1.
+
+    .venv/bin/python benchmarks/serve_throughput.py                  # tiny models, CPU, a few minutes
+    .venv/bin/python benchmarks/serve_throughput.py --concurrency 16 --requests 320 --steps 20
+
+Measured in one run, over real HTTP on 127.0.0.1: the whole application (ingress, backbone, FeatInv)
+is deployed twice side by side, with the backbone's and FeatInv's `max_batch_size` set to `--max-batch`
+("batched", prefix /batched) and to 1 ("unbatched", prefix /unbatched); each answers `--requests`
+POST /reconstruct/features requests (one seed each, distinct random maps) sent `--concurrency` at a
+time, in `--rounds` rounds alternating between the two, after an untimed warm-up. Prints throughput,
+p50/p95 latency of both and the throughput ratio. Tiny random models (the test backbone, 16×16 FeatInv)
+on CPU: the ingress's per-request work (parsing, PNG encoding, metrics) is not batched and bounds
+the ratio from above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import socket
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import requests
+
+SHAPE = (64, 9, 9)
+TINY_CONVNEXT = {"name": "convnext_base", "pretrained": False, "layers": ["stage3"],
+                 "model_kwargs": {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(storage: str, port: int, steps: int, max_batch: int, wait_s: float):
+    from featmap_ray.config import Config
+
+    batching = {"max_batch_size": max_batch, "batch_wait_timeout_s": wait_s, "max_ongoing_requests": 64}
+    return Config.model_validate({
+        "storage": storage, "dataset": {"name": "bench", "root": storage},
+        "extract": {"backbones": [TINY_CONVNEXT]},
+        "featinv": {"base_model": "tiny", "encoder_hidden_channels": 16},
+        "serve": {"port": port, "steps": steps, "seeds": [100], "backbone": batching, "featinv": batching,
+                  "ingress": {"max_ongoing_requests": 128}},
+    })
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _load(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, np.ndarray]:
+    """Wall seconds for all bodies, and each request's latency; every answer must be 200."""
+    def one(body: bytes) -> float:
+        started = time.perf_counter()
+        response = requests.post(url + "/reconstruct/features", data=body, params={"seeds": [1]}, timeout=600)
+        response.raise_for_status()
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        started = time.perf_counter()
+        latencies = list(pool.map(one, bodies))
+        return time.perf_counter() - started, np.array(latencies)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps per reconstruction")
+    parser.add_argument("--max-batch", type=int, default=16)
+    # Long enough for a batch to fill between two waves of a closed loop of requests; one sampler call
+    # of the tiny model at 20 steps takes ~0.5 s, so the wait costs little latency.
+    parser.add_argument("--wait-s", type=float, default=0.2, help="batch_wait_timeout_s")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per mode")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from featmap_ray.serve import deployments
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    rng = np.random.default_rng(0)
+    bodies = [_npy(rng.standard_normal(SHAPE).astype(np.float32)) for _ in range(args.requests)]
+    modes = {"batched": args.max_batch, "unbatched": 1}
+    seconds = dict.fromkeys(modes, 0.0)
+    latencies: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
+    with tempfile.TemporaryDirectory() as storage:
+        port = _free_port()
+        urls = {}
+        for mode, max_batch in modes.items():  # two applications side by side, one route prefix each
+            cfg = _config(storage, port, args.steps, max_batch, args.wait_s)
+            cfg.serve.app_name, cfg.serve.route_prefix = mode, f"/{mode}"
+            urls[mode] = deployments.start(cfg)
+            _load(urls[mode], bodies[: args.concurrency], args.concurrency)  # warm-up, untimed
+        # Alternating rounds: both modes see the same machine (other work on a shared host comes and goes).
+        for part in np.array_split(np.arange(args.requests), args.rounds):
+            for mode, url in urls.items():
+                wall, lat = _load(url, [bodies[i] for i in part], args.concurrency)
+                seconds[mode] += wall
+                latencies[mode].append(lat)
+        serve.shutdown()
+    ray.shutdown()
+    rows = {mode: (max_batch, args.requests / seconds[mode], *np.percentile(np.concatenate(latencies[mode]), [50, 95]))
+            for mode, max_batch in modes.items()}
+
+    print(f"\nFeatInv service, tiny models on CPU ({platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores): {args.requests} requests at concurrency {args.concurrency}, "
+          f"{args.steps} DDIM steps, 1 seed each")
+    print(f"{'mode':<10} {'max_batch':>9} {'req/s':>8} {'p50 s':>7} {'p95 s':>7}")
+    for mode, (max_batch, throughput, p50, p95) in rows.items():
+        print(f"{mode:<10} {max_batch:>9} {throughput:>8.2f} {p50:>7.3f} {p95:>7.3f}")
+    print(f"throughput ratio batched / unbatched: {rows['batched'][1] / rows['unbatched'][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""FeatInv as a service: a Ray Serve application (ingress + backbone, FeatInv and mapping deployments)."""

@@ -1,0 +1,100 @@
+"""What a request may carry, decoded safely: images (as ingest decodes them) and feature maps (no pickle).
+
+Every failure is a `RequestError` with an HTTP status and a message that says what is wrong; the
+ingress turns it into a JSON answer and keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import numpy as np
+from PIL import Image
+
+from featmap_ray import imageio
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+class RequestError(Exception):
+    """A request the service cannot serve: `status` (4xx, or 503 when a retry may succeed) and a message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def from_base64(text: str, what: str) -> bytes:
+    """Standard base64, optionally as a data URL (`data:image/png;base64,...`)."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"{what}: not valid base64") from None
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """Lossless PNG of uint8 (H, W, 3) pixels."""
+    return imageio.encode_png(Image.fromarray(pixels))
+
+
+def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
+    """An uploaded image as upright RGB, checked as ingest checks files: the pixel count from the
+    header before any pixel is decoded (decompression bombs: 413), then a full decode (400)."""
+    try:
+        return imageio.decode_image(data, max_pixels=max_pixels, min_side=min_side, source="uploaded image")
+    except imageio.ImageDecodeError as e:
+        raise RequestError(413 if e.reason == "decompression_bomb" else 400, f"{e} ({e.reason})") from None
+
+
+def backbone_view(image: Image.Image, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): resized (shorter side) and centre-cropped, as `extract` feeds the backbone."""
+    return np.asarray(imageio.resize_center_crop(image, size))
+
+
+def read_feature_map(data: bytes) -> np.ndarray:
+    """One feature map from `.npy` (loaded without pickle) or `.safetensors` (one tensor, or one named
+    `features`), as float32 (C, H, W) or (1, C, H, W); its shape and values are checked against the
+    model later."""
+    if data.startswith(NPY_MAGIC):
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as e:  # object arrays (pickle), truncated data, bad header
+            raise RequestError(400, f"feature map (.npy): cannot load without pickle ({e})") from None
+    else:
+        array = _read_safetensors(data)
+    if array.dtype.kind not in "fiu":
+        raise RequestError(400, f"feature map: expected real numbers, got dtype {array.dtype}")
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise RequestError(422, f"feature map: expected one map of shape (C, H, W) or (1, C, H, W), "
+                                f"got shape {tuple(array.shape)}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _read_safetensors(data: bytes) -> np.ndarray:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    # 8 little-endian bytes of header length, then a JSON header: refuse anything else before parsing.
+    if len(data) < 10 or data[8:9] != b"{":
+        raise RequestError(400, "feature map: neither a .npy file nor a .safetensors file")
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, TypeError, KeyError) as e:  # bad header, bf16 (no numpy type), ...
+        raise RequestError(400, f"feature map (.safetensors): cannot read ({e})") from None
+    if "features" in tensors:
+        return tensors["features"]
+    if len(tensors) != 1:
+        raise RequestError(422, f"feature map (.safetensors): expected one tensor or one named 'features', "
+                                f"got {sorted(tensors)}")
+    return next(iter(tensors.values()))
