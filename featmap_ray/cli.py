@@ -36,6 +36,12 @@ def _manipulate(cfg: Config) -> list[store.StageSummary]:
     return [stage.run(cfg)]
 
 
+def _edit(cfg: Config) -> list[store.StageSummary]:
+    from featmap_ray.manipulations import edit_stage
+
+    return [edit_stage.run(cfg)]
+
+
 def _extract(cfg: Config) -> list[store.StageSummary]:
     from featmap_ray import extract
 
@@ -45,9 +51,15 @@ def _extract(cfg: Config) -> list[store.StageSummary]:
 STAGES: dict[str, Callable[[Config], list[store.StageSummary]]] = {
     "ingest": _ingest,
     "manipulate": _manipulate,
+    "edit": _edit,
     "extract": _extract,
 }
-PIPELINE = ["ingest", "manipulate", "extract"]
+PIPELINE = ["ingest", "manipulate", "edit", "extract"]
+
+
+def pipeline_stages(cfg: Config) -> list[str]:
+    """The pipeline's stages for this config: `edit` only when edit.prompts has prompts for the dataset."""
+    return [s for s in PIPELINE if s != "edit" or cfg.edit.prompts.get(cfg.dataset.name)]
 
 
 def _fit(cfg: Config) -> object:
@@ -141,7 +153,7 @@ def featinv_import(args: argparse.Namespace) -> int:
 
 def _stage_inputs(cfg: Config, name: str) -> list:
     """What a pipeline stage reads, for its MLflow run's inputs: the dataset folder (ingest), the
-    images table at its current version (manipulate, extract)."""
+    images table at its current version (manipulate, edit, extract)."""
     from featmap_ray import tracking
 
     if name == "ingest":
@@ -234,6 +246,21 @@ def _check_images(cfg: Config) -> None:
         raise FileNotFoundError(f"no images table at {st.images_uri}: run `featmap ingest` first")
 
 
+def _check_edit(cfg: Config) -> None:
+    """edit.prompts names something to do, and edit.model is here and suits the settings."""
+    if not any(cfg.edit.prompts.values()):
+        raise ValueError("edit.prompts is empty: nothing to edit (give prompts per dataset name; README: Semantic edits)")
+    _check_edit_model(cfg)
+
+
+def _check_edit_model(cfg: Config) -> None:
+    """The pipeline's edit stage (when the dataset has prompts): the model is here and suits the settings."""
+    if cfg.edit.prompts.get(cfg.dataset.name):
+        from featmap_ray.manipulations import semantic
+
+        semantic.check(cfg.edit)
+
+
 def _check_backbones(cfg: Config) -> None:
     """Every extract.backbones entry: a registry (or timm) name, its layers, its weights."""
     from featmap_ray import backbones
@@ -320,13 +347,20 @@ COMMANDS: dict[str, Command] = {
     "manipulate": Command("originals -> manipulated variants in images.lance",
                           "Applies every manipulate.ops entry to every original image.",
                           (*RAY_KEYS, "manipulate"), (_check_images,)),
+    "edit": Command("originals -> semantic edits (Qwen-Image-Edit) in images.lance",
+                    "Edits a seeded choice of originals per (split, class) with every prompt of edit.prompts for "
+                    "their dataset, on an actor pool of diffusers image-editing pipelines (one per actor); the "
+                    "edits are variants <prefix>:<name>:<repeat> of family semantic. A re-run adds only what is "
+                    "missing.",
+                    (*RAY_KEYS, "edit", "edit.prompts"), (_check_images, _check_edit)),
     "extract": Command("images -> feature maps in features/<backbone>/<layer>.lance",
                        "Runs every extract.backbones entry over every image (originals and variants) in a "
                        "Ray Data actor pool and stores the requested layers.",
                        (*RAY_KEYS, "extract", "extract.backbones"), (_check_backbones, _check_images)),
-    "pipeline": Command("ingest -> manipulate -> extract",
-                        keys=(*RAY_KEYS, "dataset", "manipulate", "extract", "extract.backbones"),
-                        checks=(_check_dataset, _check_backbones)),
+    "pipeline": Command("ingest -> manipulate -> edit -> extract",
+                        "edit runs when edit.prompts has prompts for dataset.name.",
+                        keys=(*RAY_KEYS, "dataset", "manipulate", "edit", "extract", "extract.backbones"),
+                        checks=(_check_dataset, _check_edit_model, _check_backbones)),
     "fit": Command("train the study's pending mapping runs (Ray Tune schedules the grid)",
                    "Expands mapping.datasets x targets x losses into runs; finished runs are skipped, "
                    "interrupted ones resume. Runs land in <storage>/mapping/runs/<study>/.",
@@ -493,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             print(tracking.runs_page_line(cfg), flush=True)
             return 0
         summaries = []
-        for stage in PIPELINE if name == "pipeline" else [name]:
+        for stage in pipeline_stages(cfg) if name == "pipeline" else [name]:
             summaries += run_stage(cfg, stage)
     except ConfigError as e:
         print(f"featmap: {e}", file=sys.stderr)

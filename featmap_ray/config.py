@@ -104,6 +104,84 @@ class ManipulateConfig(_Strict):
         return direct.expand(self.ops)
 
 
+class EditPrompt(_Strict):
+    """One semantic edit: its short name (in variant ids and study configs) and the full instruction."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")  # e.g. Turn_on_headlights
+    prompt: str
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        return prompt
+
+
+class EditConfig(_Strict):
+    """`featmap edit`: semantic edits of the originals by a diffusers image-editing pipeline, on an actor
+    pool, as new variants of the images table (README: Semantic edits). Defaults are the reference's (spec §3)."""
+
+    # A hub id resolved in the local Hugging Face cache or a local folder in diffusers layout (the pipeline
+    # class comes from its model_index.json), or "tiny": a random tiny QwenImageEditPlusPipeline (tests, demos).
+    model: str = "Qwen/Qwen-Image-Edit-2511"
+    prompts: dict[str, list[EditPrompt]] = {}  # dataset name -> its prompts; a dataset without any gets no edits
+    prefix: str = Field("qwen", pattern=r"^[A-Za-z0-9_.-]+$")  # variant id <prefix>:<name>:<repeat>
+    repeats: int = Field(1, ge=1)  # edits per (image, prompt), each with its own seed
+    # Originals edited per (split, class), a seeded choice (the reference: the first 10 train, 5 test); a
+    # split not named gets none, a count above a class's size takes all of it.
+    images_per_class: dict[str, int] = {"train": 10, "test": 5}
+    seed: int = 42  # base of the per-(source_id, variant) seeds
+    steps: int = Field(10, ge=1)
+    true_cfg_scale: float = Field(4.5, ge=0)  # real classifier-free guidance when > 1 (with negative_prompt)
+    negative_prompt: str = " "  # the reference's single space; an empty value becomes one, as there
+    guidance_scale: float | None = 1.0  # only guidance-distilled transformers use it; diffusers ignores it otherwise
+    # The pipeline's working area in pixels: None is its own (~1024x1024 at the input's aspect ratio); a
+    # number scales every size the pipeline derives (output, VAE and vision-language inputs) to that area.
+    working_pixels: int | None = Field(None, ge=1024)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    batch_size: int = Field(1, ge=1)  # edits per pipeline call (QwenImageEditPlusPipeline takes one)
+    num_actors: int = Field(1, ge=1)  # pipelines, one per actor, loaded once each
+    # GPUs per actor: 0 runs on CPU, 0.5 puts two pipelines on one GPU, 2 spreads one pipeline over two
+    # GPUs (device_map "balanced", needs accelerate).
+    num_gpus: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1)  # CPU actors; None: all cores of the node
+    vae_tiling: bool = True  # the reference decodes with VAE slicing and tiling
+    rows_per_commit: int = Field(4, ge=1)  # edited images per Lance commit: the resume granularity
+
+    @field_validator("images_per_class")
+    @classmethod
+    def _counts(cls, counts: dict[str, int]) -> dict[str, int]:
+        bad = {split: n for split, n in counts.items() if n < 0}
+        if bad:
+            raise ValueError(f"negative counts {bad}")
+        return counts
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _space_for_empty(cls, negative: str) -> str:
+        return negative or " "
+
+    @field_validator("prompts")
+    @classmethod
+    def _unique_names(cls, prompts: dict[str, list[EditPrompt]]) -> dict[str, list[EditPrompt]]:
+        for dataset, items in prompts.items():
+            names = [p.name for p in items]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{dataset}: prompt name(s) {dupes} used twice")
+        return prompts
+
+    @model_validator(mode="after")
+    def _whole_gpus_to_spread(self) -> EditConfig:
+        if self.num_gpus > 1 and not float(self.num_gpus).is_integer():
+            raise ValueError(f"num_gpus={self.num_gpus}: above 1 a pipeline spreads over whole GPUs")
+        return self
+
+    def variant(self, name: str, repeat: int) -> str:
+        return f"{self.prefix}:{name}:{repeat}"
+
+
 class BackboneRequest(_Strict):
     name: str  # a registry name (convnext_base, swinv2_base, dinov3_vitb16, resnet50) or any timm model
     layers: list[str] | None = None  # None: the registry's default layers
@@ -380,6 +458,7 @@ class Config(_Strict):
     mlflow: MlflowConfig = MlflowConfig()
     dataset: DatasetConfig
     manipulate: ManipulateConfig = ManipulateConfig()
+    edit: EditConfig = EditConfig()
     extract: ExtractConfig = ExtractConfig()
     mapping: MappingConfig = MappingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -9,14 +9,13 @@ only receives the keys it does not hold yet.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
 
-from featmap_ray import backbones, imageio, store
+from featmap_ray import backbones, imageio, runtime, store
 from featmap_ray.config import BackboneRequest, Config
 
 STAGE = "extract"
@@ -47,10 +46,7 @@ class FeatureExtractor:
     """Ray Data actor: uint8 pixels -> one fixed-shape tensor column per layer."""
 
     def __init__(self, request: BackboneRequest, layers: list[str], dtype: str, use_gpu: bool, torch_threads: int | None):
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        if not use_gpu:
-            # Ray sets OMP_NUM_THREADS to the actor's CPU count (1); use the node's cores instead.
-            torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        self.device = runtime.actor_device(use_gpu, torch_threads)
         self.spec = backbones.get_spec(request.name)
         self.model = backbones.build_model(self.spec, request, self.device)
         self.layers, self.dtype = layers, dtype

@@ -40,3 +40,13 @@ def init_ray(cfg: Config) -> None:
             )
         log.info("Ray resources: %s", ray.cluster_resources())
     configure_data_context()
+
+
+def actor_device(use_gpu: bool, torch_threads: int | None = None):
+    """The torch device of a model actor. On CPU, use `torch_threads` or all the node's cores: Ray sets
+    OMP_NUM_THREADS to the actor's CPU count (1)."""
+    import torch
+
+    if not use_gpu:
+        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+    return torch.device("cuda" if use_gpu else "cpu")

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from featmap_ray.featinv.loading import (
-    BaseModelNotFound,
     build_featinv,
     load_base_components,
     load_featinv,
@@ -19,7 +18,7 @@ from featmap_ray.featinv.model import (
     FeatureMismatch,
     ddim_scheduler,
 )
-
+from featmap_ray.pretrained import WeightsNotFound
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -211,11 +210,11 @@ def test_load_base_components_round_trip(base, tmp_path):
 
 def test_load_base_components_missing(tmp_path):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(BaseModelNotFound, match="no-such-model") as err:
+    with pytest.raises(WeightsNotFound, match="no-such-model") as err:
         load_base_components(str(missing))
     assert "huggingface-cli download lambdalabs/miniSD-diffusers" in str(err.value)
     (tmp_path / "partial" / "unet").mkdir(parents=True)
-    with pytest.raises(BaseModelNotFound, match=r"\['vae', 'text_encoder', 'tokenizer'\]"):
+    with pytest.raises(WeightsNotFound, match=r"\['vae', 'text_encoder', 'tokenizer'\]"):
         load_base_components(str(tmp_path / "partial"))
-    with pytest.raises(BaseModelNotFound, match="not-an-org/not-a-model.*cache"):
+    with pytest.raises(WeightsNotFound, match="not-an-org/not-a-model.*cache"):
         load_base_components("not-an-org/not-a-model")

@@ -29,17 +29,23 @@ def test_pipeline_as_a_ray_job(ray_head, tmp_path):
     t0 = time.monotonic()
     done = submit(address, env, "python", "jobs/pipeline.py", "--config", "conf/demo.yaml",
                    f"storage={tmp_path}", f"extract.backbones={TINY_CONVNEXT}", "dataset.images_per_class=1",
-                   "manipulate.ops={rotation: [90], grayscale: true}")
+                   "manipulate.ops={rotation: [90], grayscale: true}", "edit.images_per_class={train: 1}")
     log = done.stdout + done.stderr
     print(f"pipeline job: {time.monotonic() - t0:.0f} s")
     assert done.returncode == 0, log
     assert "succeeded" in log
 
-    images = lance.dataset(str(tmp_path / "images.lance")).to_table(columns=["source_id", "variant"]).to_pylist()
-    originals = {r["source_id"] for r in images if r["variant"] == "original"}
+    images = lance.dataset(str(tmp_path / "images.lance")).to_table(
+        columns=["source_id", "variant", "split", "class_name"]).to_pylist()
+    originals = [r for r in images if r["variant"] == "original"]
     assert originals
+    # conf/demo.yaml's semantic edits: one train original per class, each with both prompts.
+    edited = {r["source_id"] for r in images if r["variant"].startswith("qwen:")}
+    assert sorted((r["class_name"], r["split"]) for r in originals if r["source_id"] in edited) == sorted(
+        (c, "train") for c in {r["class_name"] for r in originals if r["split"] == "train"})
     assert sorted((r["source_id"], r["variant"]) for r in images) == sorted(
-        (s, v) for s in originals for v in ("original", "rotation_90", "grayscale"))
+        [(r["source_id"], v) for r in originals for v in ("original", "rotation_90", "grayscale")]
+        + [(s, v) for s in edited for v in ("qwen:Warm_light:0", "qwen:Add_snow:0")])
 
     features = lance.dataset(str(tmp_path / "features" / "convnext_base" / "stage3.lance")).to_table()
     assert sorted(zip(features["source_id"].to_pylist(), features["variant"].to_pylist())) == sorted(

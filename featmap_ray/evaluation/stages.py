@@ -198,6 +198,7 @@ def run_evaluate(cfg: Config) -> pd.DataFrame:
                                error=message)
         raise ValueError(message)
     frame = pd.DataFrame(rows)
+    frame["family"] = frame["manipulation"].map(_families(cfg)).fillna("unknown")
     write_results(cfg, "evaluations", frame)
     _log_run_metrics(cfg, frame)
     tracking.end_stage_run(cfg, run_id, {"rows": len(frame), "groups": len(groups), "failed_groups": len(failed)})

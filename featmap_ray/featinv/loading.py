@@ -12,7 +12,6 @@ the way `featinv.*` in the config says; the reconstruct and training jobs and th
 from __future__ import annotations
 
 import contextlib
-import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from featmap_ray import backbones, tracking
+from featmap_ray import backbones, pretrained, tracking
 from featmap_ray.config import Config
 from featmap_ray.featinv.data import featinv_backbone
 from featmap_ray.featinv.model import FeatInvControlNetModel, ddim_scheduler
@@ -33,10 +32,6 @@ BASE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "unet")
 DEFAULT_BASE = "lambdalabs/miniSD-diffusers"
 
 BaseComponents = tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel]
-
-
-class BaseModelNotFound(FileNotFoundError):
-    """The Stable Diffusion base model is not available locally."""
 
 
 def _freeze(*models: nn.Module) -> None:
@@ -78,35 +73,16 @@ def _as_list(value) -> list:
 # Base model: real weights from disk / the HF cache, or tiny random models built from configs.
 
 def resolve_base_dir(path: str | Path, local_files_only: bool) -> Path:
-    """The folder of a Stable Diffusion base model: a local folder, or a hub id resolved in the HF cache;
-    BaseModelNotFound names what to download when it is neither."""
-    fetch = (f"on a machine with internet run `huggingface-cli download {DEFAULT_BASE} --local-dir DIR` "
-             f"(or `hf download ...` with huggingface_hub >= 1.0) and pass DIR, or copy its Hugging Face cache here")
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-            raise BaseModelNotFound(f"Stable Diffusion base model {str(path)!r}: no such directory; {fetch}")
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            root = Path(snapshot_download(str(path), local_files_only=local_files_only))
-        except (LocalEntryNotFoundError, OSError) as e:
-            where = "in the local Hugging Face cache" if local_files_only else "locally or on the hub"
-            raise BaseModelNotFound(f"Stable Diffusion base model {str(path)!r}: not a directory and not found "
-                                    f"{where} ({type(e).__name__}); {fetch}") from e
-    missing = [name for name in BASE_SUBFOLDERS if not (root / name).is_dir()]
-    if missing:
-        raise BaseModelNotFound(f"Stable Diffusion base model {str(path)!r} at {root} lacks the diffusers "
-                                f"subfolder(s) {missing} (need {list(BASE_SUBFOLDERS)}); {fetch}")
-    return root
+    """The folder of a Stable Diffusion base model (a local folder, or a hub id in the HF cache)."""
+    return pretrained.local_model_dir(path, what="Stable Diffusion base model", default_id=DEFAULT_BASE,
+                                      required=BASE_SUBFOLDERS, local_files_only=local_files_only)
 
 
 def load_base_components(path: str | Path, *, local_files_only: bool = True) -> BaseComponents:
     """(vae, text_encoder, tokenizer, unet) of a Stable Diffusion 1.x in diffusers layout.
 
     `path` is a local directory or a hub id resolved from the local HF cache (downloaded only when
-    `local_files_only=False`). Missing weights raise BaseModelNotFound; never falls back to random.
+    `local_files_only=False`). Missing weights raise WeightsNotFound; never falls back to random.
     """
     root = resolve_base_dir(path, local_files_only)
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", low_cpu_mem_usage=False)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from featmap_ray import backbones, imageio, store, tracking
+from featmap_ray import backbones, imageio, runtime, store, tracking
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.cosine import median_cosine
 from featmap_ray.featinv import data, fid, metrics
@@ -44,13 +43,6 @@ class ReconstructionsMismatch(ValueError):
 
 
 # -- The Ray Data stage ------------------------------------------------------------------------
-
-def _use_cores(use_gpu: bool) -> torch.device:
-    if not use_gpu:
-        # Ray sets OMP_NUM_THREADS to the actor's CPU count (1); use the node's cores instead.
-        torch.set_num_threads(os.cpu_count() or 1)
-    return torch.device("cuda" if use_gpu else "cpu")
-
 
 def select_pending(batch: dict[str, np.ndarray], seeds: list[int], done: frozenset[tuple[str, str, int]],
                    keep: frozenset[tuple[str, str]] | None) -> dict[str, np.ndarray]:
@@ -75,7 +67,7 @@ class Reconstructor:
     def __init__(self, cfg: Config, generator: str, schema: pa.Schema, controlnet: str | None = None):
         from featmap_ray.featinv import loading
 
-        self.device = _use_cores(cfg.featinv.sampling.num_gpus > 0)
+        self.device = runtime.actor_device(cfg.featinv.sampling.num_gpus > 0)
         self.sampling = cfg.featinv.sampling
         self.pipe = loading.featinv_pipeline(cfg, controlnet).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)  # one bar per batch would flood the actors' logs
@@ -142,7 +134,7 @@ class FidFeatures:
     with the row's per-row metrics as floats (NaN where null)."""
 
     def __init__(self, cfg: Config):
-        device = _use_cores(cfg.featinv.sampling.num_gpus > 0)
+        device = runtime.actor_device(cfg.featinv.sampling.num_gpus > 0)
         request, layer = data.featinv_backbone(cfg)
         self.probe = metrics.BackboneProbe(request, layer, device)
         self.extractor = fid.fid_extractor(cfg.featinv.eval.fid_inception_weights, self.probe)

@@ -336,7 +336,7 @@ def run(cfg: Config) -> TrainSummary:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        cause = first_worker_error(e)  # e.g. NonFiniteLoss or BaseModelNotFound, with its own message
+        cause = first_worker_error(e)  # e.g. NonFiniteLoss or WeightsNotFound, with its own message
         if cause is e:
             raise
         raise cause from e

@@ -40,9 +40,14 @@ def manipulate_batch(batch: pa.Table, manipulations: dict[str, Manipulation], pe
             try:
                 rows.append(variant_row(original, manipulations[name], base_seed))
             except Exception as e:  # a broken stored image or op: recorded, the job goes on
-                rows.append({"source_id": original["source_id"], "variant": name, "source_path": original["source_path"],
-                             **store.failure(type(e).__name__, f"{name} of {original['source_id']}: {e}")})
+                rows.append(failure_row(original, name, e))
     return pa.Table.from_pylist(rows, schema=BATCH_SCHEMA)
+
+
+def failure_row(original: dict, variant: str, error: Exception) -> dict:
+    """The row of a variant that could not be made: the sink records it in the errors table."""
+    return {"source_id": original["source_id"], "variant": variant, "source_path": original["source_path"],
+            **store.failure(type(error).__name__, f"{variant} of {original['source_id']}: {error}")}
 
 
 def run(cfg: Config) -> store.StageSummary:

@@ -88,8 +88,10 @@ def fused_groups(runs: list[RunSpec], max_size: int | None = None) -> list[list[
 
 
 def default_groups(cfg: Config) -> dict[str, MappingGroup]:
-    """The paper's groups over this config's manipulations: photometric/mask ("direct"), and the
-    geometric ones twice, with the exact spatial transform applied and fully learned."""
+    """The paper's groups over this config's manipulations: photometric/mask ("direct"), the geometric
+    ones twice, with the exact spatial transform applied and fully learned, and the semantic edits
+    of the dataset (edit.prompts)."""
+    from featmap_ray.manipulations.semantic import planned_edits
     from featmap_ray.mapping.models import is_geometric
 
     names = [m.name for m in cfg.manipulate.manipulations()]
@@ -101,6 +103,8 @@ def default_groups(cfg: Config) -> dict[str, MappingGroup]:
     if geometric:
         groups["geometric_apply"] = MappingGroup(manipulations=geometric, models=PAPER_FAMILIES, apply_transform=True)
         groups["geometric_learned"] = MappingGroup(manipulations=geometric, models=["transformer"])
+    if edits := [plan.variant for plan in planned_edits(cfg.edit, cfg.dataset.name)]:
+        groups["semantic"] = MappingGroup(manipulations=edits, models=PAPER_FAMILIES)
     return groups
 
 
