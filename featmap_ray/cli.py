@@ -119,10 +119,23 @@ def _reconstruct(cfg: Config) -> object:
     return reconstruct.reconstruct_dataset(cfg, ds, f"mapped:{s.mapping_run}", keys=keys[: s.limit])
 
 
+def _recon_eval(cfg: Config) -> object:
+    from featmap_ray.evaluation import recon_eval
+
+    return recon_eval.run(cfg)
+
+
+def _featinv_viz(cfg: Config) -> object:
+    from featmap_ray.featinv import viz_stage
+
+    return viz_stage.run(cfg)
+
+
 # Study commands: each prints what it made; failures inside a study are listed, not raised.
 STUDY: dict[str, Callable[[Config], object]] = {
     "fit": _fit, "sweep": _sweep, "evaluate": _evaluate, "analyze": _analyze, "report": _report,
-    "featinv-train": _featinv_train, "reconstruct": _reconstruct,
+    "featinv-train": _featinv_train, "reconstruct": _reconstruct, "recon-eval": _recon_eval,
+    "featinv-viz": _featinv_viz,
 }
 
 
@@ -312,6 +325,29 @@ def _check_featinv(cfg: Config) -> None:
         loading.resolve_base_dir(cfg.featinv.base_model, local_files_only=True)
 
 
+def _check_recon_eval(cfg: Config) -> None:
+    """The judge backbone (name, layer, weights), LPIPS's local weights, and the runs to evaluate: finished,
+    of the FeatInv model's (backbone, layer), with held-out pairs."""
+    from featmap_ray import backbones
+    from featmap_ray.evaluation import image_metrics, recon_eval
+
+    rc = cfg.evaluate.reconstruction
+    spec = backbones.get_spec(rc.judge.name)
+    backbones.resolve_layers(spec, [rc.judge_layer])
+    backbones.check_weights(spec, rc.judge)
+    if rc.lpips_weights:
+        image_metrics.lpips_metric(rc.lpips_weights)
+    recon_eval.plan(cfg)
+
+
+def _check_featinv_viz(cfg: Config) -> None:
+    """featinv.viz against the features table: the images, the pair, the region on the layer's grid, the
+    concept bases' dimension, the alphas (the config checks their range)."""
+    from featmap_ray.featinv import viz_stage
+
+    viz_stage.plan(cfg)
+
+
 def _check_serve(cfg: Config) -> None:
     """The allow-lists: FeatInv models (MLflow URIs resolve) and finished mapping runs of the study."""
     from featmap_ray.serve import catalogue
@@ -388,6 +424,20 @@ COMMANDS: dict[str, Command] = {
                            "Samples images from the stored feature maps (or from a mapping run's mapped maps: "
                            "featinv.sampling.mapping_run) into reconstructions/<backbone>/<layer>.lance.",
                            (*RAY_KEYS, *_FEATINV_KEYS), (_check_featinv,)),
+    "recon-eval": Command("mapping runs judged as images, through FeatInv reconstructions",
+                          "For each finished run of FeatInv's (backbone, layer), on a seeded subset of held-out "
+                          "sources: MSE, SSIM, PSNR and the judge backbone's (masked) median cosine of each "
+                          "reconstruction against the manipulated image and the true target's reconstruction, in "
+                          "<storage>/results/<study>/reconstructions.lance; `featmap report` shows them.",
+                          (*RAY_KEYS, "evaluate.reconstruction", "evaluate.reconstruction.judge", "mapping.study",
+                           *_FEATINV_KEYS), (_check_featinv, _check_recon_eval)),
+    "featinv-viz": Command("FeatInv-Viz: concept steering, interpolation, composition (PNGs)",
+                           "Attenuates concepts of the selected images' feature maps (a k-means + SVD "
+                           "decomposition, or featinv.viz.concepts) and maps where the reconstructions change; "
+                           "reconstructs interpolations and a spatial composition of two maps. PNGs, CSVs and "
+                           "results.json in <storage>/reports/<study>/featinv_viz/ and MLflow.",
+                           (*RAY_KEYS, "featinv.viz", "mapping.study", *_FEATINV_KEYS),
+                           (_check_featinv, _check_featinv_viz)),
     "serve": Command("FeatInv as a service: web page + HTTP API on Ray Serve (until Ctrl-C)",
                      "Starts the composed application (ingress, backbone, FeatInv and mapping deployments) on "
                      "serve.host:serve.port (127.0.0.1 by default) and prints the page's and the API docs' URLs. "

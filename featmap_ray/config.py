@@ -145,6 +145,7 @@ class EditConfig(_Strict):
     # GPUs per actor: 0 runs on CPU, 0.5 puts two pipelines on one GPU, 2 spreads one pipeline over two
     # GPUs (device_map "balanced", needs accelerate).
     num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}  # custom Ray resources per actor, e.g. {gpu_80gb: 1} (cluster.yaml)
     torch_threads: int | None = Field(None, ge=1)  # CPU actors; None: all cores of the node
     vae_tiling: bool = True  # the reference decodes with VAE slicing and tiling
     rows_per_commit: int = Field(4, ge=1)  # edited images per Lance commit: the resume granularity
@@ -293,6 +294,25 @@ class MappingConfig(_Strict):
     refit: bool = False  # re-train runs that already finished instead of skipping them
 
 
+class ReconEvalConfig(_Strict):
+    """`featmap recon-eval`: mapping runs judged as images through FeatInv (FeatMap §7; README: Reconstruction
+    evaluation). FeatInv's model, sampling settings and (backbone, layer) are featinv.*."""
+
+    runs: list[str] | None = None  # run keys of mapping.study; None: every finished run of FeatInv's (backbone, layer)
+    subset_size: int = Field(100, ge=1)  # held-out sources per (dataset, manipulation): a seeded choice
+    seed: int = 42  # the subset's and the noise control's seeds
+    # The backbone whose features judge two images (per-position cosine): the reference always uses
+    # ConvNeXt-B stage3, also for SwinV2 runs and other layers.
+    judge: BackboneRequest = BackboneRequest(name="convnext_base")
+    judge_layer: str = "stage3"
+    noise_control: bool = True  # also reconstruct the original + noise of the mapping's per-position change norm
+    lpips_weights: str | None = None  # a local AlexNet state dict for LPIPS; None: no LPIPS columns
+    batch_size: int = Field(4, ge=1)  # pairs per actor call (each 2-4 feature maps for FeatInv)
+    num_actors: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    rows_per_commit: int = Field(8, ge=1)
+
+
 class EvaluateConfig(_Strict):
     split: str = "test"
     max_pairs: int | None = Field(None, ge=1)  # seeded subset of test pairs per run; None = all
@@ -303,6 +323,7 @@ class EvaluateConfig(_Strict):
     truncation_ranks: list[int] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
     analysis_samples: int = Field(200, ge=1)  # test originals for the weight-vs-bias measures
     seed: int = 42
+    reconstruction: ReconEvalConfig = ReconEvalConfig()
 
 
 
@@ -360,6 +381,35 @@ class FeatInvEval(_Strict):
     fid_inception_weights: str | None = None
 
 
+class FeatInvViz(_Strict):
+    """`featmap featinv-viz` (spec §10.9, §10.10; README: FeatInv-Viz): concept steering, interpolation, composition."""
+
+    # The images: the stored maps of class_name's images, or of these source ids; neither: the first class by name.
+    class_name: str | None = None
+    source_ids: list[str] | None = Field(None, min_length=1)
+    variant: str = "original"
+    limit: int | None = Field(4, ge=1)  # images steered and shown (the first N source ids); the concepts use all
+    # Concept bases: a .npy / .safetensors file (local or object store); None = decompose the images' vectors.
+    concepts: str | None = None
+    n_concepts: int = Field(3, ge=1)  # decomposition: k-means clusters of the feature vectors
+    rank: int = Field(4, ge=1)  # decomposition: dimension of each concept's subspace
+    seed: int = 0  # decomposition: k-means initialisation
+    factor: float = Field(0.25, ge=0)  # attenuation: phi' = sum of the other parts + factor * the concept's part
+    num_seeds: int = Field(5, ge=1)  # reconstructions per map, seeds featinv.sampling.seed + i
+    alphas: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)  # interpolation grid, each in [0, 1]
+    pair: list[str] | None = Field(None, min_length=2, max_length=2)  # [A, B] source ids; None = the first two images
+    # [row0, row1, col0, col1] of the feature grid, half-open: B's part of the composition; None = the central half.
+    region: list[int] | None = Field(None, min_length=4, max_length=4)
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_in_unit_interval(cls, alphas: list[float]) -> list[float]:
+        outside = [a for a in alphas if not 0 <= a <= 1]
+        if outside:
+            raise ValueError(f"every alpha must lie in [0, 1], got {outside}")
+        return alphas
+
+
 class FeatInvConfig(_Strict):
     backbone: str | None = None  # the name of an extract.backbones entry (its weights are used); None = the first
     layer: str | None = None  # None = that entry's last layer
@@ -374,6 +424,7 @@ class FeatInvConfig(_Strict):
     sampling: FeatInvSampling = FeatInvSampling()
     training: FeatInvTraining = FeatInvTraining()
     eval: FeatInvEval = FeatInvEval()
+    viz: FeatInvViz = FeatInvViz()
 
 
 class ServeDeployment(_Strict):

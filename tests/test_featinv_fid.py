@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from scipy import linalg
 from scipy.stats import special_ortho_group
 
 from featmap_ray.featinv import fid
@@ -14,35 +15,52 @@ def _gaussian_fid_closed_form(mu1, a, mu2, b) -> float:
     return float(((mu1 - mu2) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum())
 
 
-def test_frechet_distance_matches_the_closed_form_for_diagonal_and_rotated_covariances():
+def _frechet_of_samples(x, y) -> float:
+    """The FID formula on the sample means and unbiased covariances, with scipy's matrix square root."""
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    diff = x.mean(axis=0) - y.mean(axis=0)
+    return float(diff @ diff + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+
+
+def _samples(rng, n, mean, cov):
+    """n vectors whose sample mean and unbiased covariance are exactly `mean` and `cov`."""
+    z = rng.normal(size=(n, len(mean)))
+    z -= z.mean(axis=0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T  # whiten: sample covariance = I
+    return mean + z @ np.linalg.cholesky(cov).T
+
+
+def test_fid_matches_the_closed_form_for_sets_with_known_means_and_covariances():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
     a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
-    expected = _gaussian_fid_closed_form(mu1, a, mu2, b)
-    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
     rot = special_ortho_group.rvs(6, random_state=1)  # same eigenvectors, full (non-diagonal) matrices
-    assert fid.frechet_distance(mu1, rot @ np.diag(a) @ rot.T, mu2, rot @ np.diag(b) @ rot.T) == pytest.approx(
-        expected, rel=1e-7)
-    assert fid.frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0, abs=1e-9)
+    x = _samples(rng, 40, mu1, rot @ np.diag(a) @ rot.T)
+    y = _samples(rng, 30, mu2, rot @ np.diag(b) @ rot.T)
+    assert fid.fid(x, y) == pytest.approx(_gaussian_fid_closed_form(mu1, a, mu2, b), rel=1e-9)
+    assert fid.fid(x, x) == pytest.approx(0, abs=1e-9)
 
 
-def test_frechet_distance_guards_singular_covariances_and_rejects_bad_shapes():
-    features = np.random.default_rng(2).normal(size=(5, 16))  # fewer samples than dimensions: rank 4
-    mu, sigma = fid.activation_statistics(features)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-3
-    with pytest.raises(ValueError, match="shapes do not match"):
-        fid.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
+def test_fid_matches_scipy_sqrtm_on_general_samples_and_handles_singular_covariances():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(50, 8)) @ rng.normal(size=(8, 8))
+    y = rng.normal(size=(60, 8)) @ rng.normal(size=(8, 8)) + 0.5
+    # Two routes to Tr (Σ1 Σ2)^½ in float64 (eigenvalues vs Schur square root): 1e-7 relative.
+    assert fid.fid(x, y) == pytest.approx(_frechet_of_samples(x, y), rel=1e-7)
+    few = rng.normal(size=(5, 16))  # fewer vectors than dimensions: rank-4 covariances
+    assert abs(fid.fid(few, few)) < 1e-6
 
 
-def test_activation_statistics_are_the_sample_mean_and_unbiased_covariance():
-    mixing = np.array([[2, 0, 0, 0], [1, 1, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1.0]])
-    x = np.random.default_rng(3).normal(size=(50, 4)) @ mixing
-    mu, sigma = fid.activation_statistics(x)
-    centred = x - x.sum(axis=0) / len(x)
-    np.testing.assert_allclose(mu, x.sum(axis=0) / len(x))
-    np.testing.assert_allclose(sigma, centred.T @ centred / (len(x) - 1))
-    with pytest.raises(ValueError, match=r"expected \(N >= 2, D\)"):
-        fid.activation_statistics(x[:1])
+def test_fid_rejects_bad_feature_sets_naming_them():
+    x = np.random.default_rng(3).normal(size=(10, 4))
+    with pytest.raises(ValueError, match=r"reconstructions: expected \(N >= 2, D\)"):
+        fid.fid(x, x[:1])
+    with pytest.raises(ValueError, match="source has 4-d features, reconstructions 3-d"):
+        fid.fid(x, x[:, :3])
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="source: contains NaN"):
+        fid.fid(bad, x)
 
 
 def test_fid_of_samples_from_two_gaussians_approaches_the_closed_form():

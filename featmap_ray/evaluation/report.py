@@ -162,6 +162,66 @@ def truncation_plot(trunc: pd.DataFrame, out_dir: Path | str) -> list[Path]:
     return paths
 
 
+RECON_METRICS = ("ssim", "psnr", "cos_median", "cos_median_masked", "mse")
+
+
+def recon_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """{metric: table}: per (backbone, layer, manipulation, family, model) the mean over sources of each
+    reconstruction's score against the manipulated image — FeatInv's own (target), the mapping's (mapped),
+    the spatial-only baseline and the noise control side by side — and the pairs it averages."""
+    keys = ["backbone", "layer", "manipulation", "family", "model"]
+    _check(rows, "recon_tables", ["backbone", "layer", "variant", "family", "model"])
+    rows = rows.rename(columns={"variant": "manipulation"})
+    out = {}
+    for metric in RECON_METRICS:
+        columns = {kind: f"manip_vs_{kind}_{metric}" for kind in ("target", "mapped", "baseline", "noise")
+                   if f"manip_vs_{kind}_{metric}" in rows}
+        table = rows.groupby(keys, sort=True)[list(columns.values())].mean().rename(
+            columns={c: k for k, c in columns.items()})
+        table["pairs"] = rows.groupby(keys, sort=True).size()
+        out[metric] = table.reset_index()
+    return out
+
+
+def recon_grids(rows: pd.DataFrame, manipulated: Mapping[tuple[str, str], np.ndarray], out_dir: Path | str,
+                per_grid: int = 3) -> list[Path]:
+    """One image grid per (backbone, layer, manipulation): for the first `per_grid` sources, the manipulated
+    image, FeatInv's reconstruction of the true target, then per model the reconstruction of its mapped map
+    and of its noise control, and the spatial-only baseline when there is one."""
+    from featmap_ray import imageio
+
+    paths = []
+    for (backbone, layer, manipulation), group in rows.groupby(["backbone", "layer", "variant"], sort=True):
+        sources = sorted(group["source_id"].unique())[:per_grid]
+        models = sorted(group["model"].unique())
+        first = group[group["model"] == models[0]].set_index("source_id")
+        columns = [("manipulated", None, None), ("target", models[0], "recon_target")]
+        for model in models:
+            columns.append((f"mapped\n{model}", model, "recon_mapped"))
+            if group.loc[group["model"] == model, "recon_noise"].notna().any():
+                columns.append((f"noise\n{model}", model, "recon_noise"))
+        if first["recon_baseline"].notna().any():
+            columns.append(("spatial only", models[0], "recon_baseline"))
+        fig = _figure(1.6 * len(columns), 1.7 * len(sources) + 0.4)
+        axes = fig.subplots(len(sources), len(columns), squeeze=False)
+        for i, sid in enumerate(sources):
+            for j, (title, model, column) in enumerate(columns):
+                ax = axes[i][j]
+                ax.set_axis_off()
+                if column is None:
+                    image = manipulated.get((sid, manipulation))
+                else:
+                    match = group[(group["model"] == model) & (group["source_id"] == sid)][column]
+                    image = imageio.decode_png_rgb(match.iloc[0]) if len(match) and match.iloc[0] is not None else None
+                if image is not None:
+                    ax.imshow(image)
+                if i == 0:
+                    ax.set_title(title, fontsize=8)
+        fig.suptitle(f"reconstructions — {backbone} {layer} {manipulation}", fontsize=9)
+        paths.append(_save(fig, out_dir, "reconstructions", backbone, layer, manipulation))
+    return paths
+
+
 def _cell(value: object, float_format: str) -> str:
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return ""

@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from featmap_ray import store, tracking
+from featmap_ray import imageio, store, tracking
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.storage import Location
 
@@ -362,5 +362,15 @@ def write_report(cfg: Config, out: Path) -> int:
         figures["Weight vs bias by manipulation family"] = report.weight_bias_plot(wxb.assign(group=wxb["family"]), out)
         figures["Rank-k truncations of W"] = report.truncation_plot(read_results(cfg, "truncation"), out)
         tables["SVD measures"] = read_results(cfg, "svd").drop(columns=["run", "dataset"])
+    if store.open_table(results_uri(cfg, "reconstructions")) is not None:  # featmap recon-eval
+        recon = read_results(cfg, "reconstructions")
+        tables.update({f"Reconstructions: {metric} against the manipulated image (mean over sources)": t
+                       for metric, t in report.recon_tables(recon).items()})
+        st = store.Store(cfg.storage)
+        keys = set(zip(recon["source_id"], recon["variant"], strict=True))
+        stored = st.rows(st.images_uri, keys, ["image"]).to_pylist()
+        manipulated = {(r["source_id"], r["variant"]): imageio.decode_png_rgb(r["image"]) for r in stored}
+        figures["Reconstructions: manipulated image, FeatInv of the true target, mapped, noise control, baseline"] = (
+            report.recon_grids(recon, manipulated, out))
     report.write_summary(tables, out / "report.md", figures=figures, title=f"FeatMap study {cfg.mapping.study}")
     return sum(len(paths) for paths in figures.values())

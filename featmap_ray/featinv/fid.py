@@ -1,20 +1,19 @@
 """FID between the source images and their reconstructions (FeatInv paper §4.1), over sets of images.
 
-Fréchet distance between Gaussians fitted to feature vectors of the two sets. Features:
-torchvision's Inception-v3 pool (2048-d) when a local weight file is given ("fid_inception"; not the
-TF-Inception of pytorch-fid, so numbers are close to, not equal to, published FIDs), else the
-backbone's globally pooled final map ("fid_backbone:<name>/<layer>"). Per-image metrics are in
-`metrics.py`.
+Fréchet distance between Gaussians fitted to feature vectors of the two sets, by torchmetrics'
+`FrechetInceptionDistance` (`fid`), fed the feature vectors that the job's actors compute with a
+`FidExtractor`: torchvision's Inception-v3 pool (2048-d) when a local weight file is given
+("fid_inception"; not the TF-Inception of pytorch-fid, so numbers are close to, not equal to,
+published FIDs), else the backbone's globally pooled final map ("fid_backbone:<name>/<layer>").
+Per-image metrics are in `metrics.py`.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import linalg
 from torch import nn
 
 from featmap_ray import backbones
@@ -23,39 +22,24 @@ from featmap_ray.featinv.metrics import BackboneProbe, resize_pixels
 INCEPTION = "fid_inception"
 
 
-def activation_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and covariance (D, D) of N feature vectors (N, D)."""
+class _GivenFeatures(nn.Module):
+    """The feature network of a FrechetInceptionDistance fed feature vectors the caller computed."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features  # read by torchmetrics instead of a forward on a dummy image
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _feature_set(name: str, features: np.ndarray) -> torch.Tensor:
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"activation_statistics: expected (N >= 2, D) features, got shape {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """||μ1 − μ2||² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), the FID formula."""
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"frechet_distance: shapes do not match: mu {mu1.shape} / {mu2.shape}, "
-                         f"sigma {sigma1.shape} / {sigma2.shape}")
-    diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", linalg.LinAlgWarning)
-        try:
-            covmean = linalg.sqrtm(sigma1 @ sigma2)
-        except linalg.LinAlgWarning:  # singular, e.g. fewer samples than dimensions
-            covmean = np.full_like(sigma1, np.nan)
-    if not np.isfinite(covmean).all():
-        # The usual guard (pytorch-fid): offset both diagonals by eps.
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: matrix square root has an imaginary component "
-                             f"{np.max(np.abs(covmean.imag)):.3g}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+        raise ValueError(f"fid: {name}: expected (N >= 2, D) feature vectors, got shape {features.shape}")
+    if not np.isfinite(features).all():
+        raise ValueError(f"fid: {name}: contains NaN or infinite values")
+    return torch.from_numpy(features)
 
 
 class FidExtractor:
@@ -111,5 +95,17 @@ def fid_extractor(inception_weights: str | None, probe: BackboneProbe) -> FidExt
 
 
 def fid(source: np.ndarray, reconstructions: np.ndarray) -> float:
-    """FID between two sets of feature vectors (N, D) and (M, D)."""
-    return frechet_distance(*activation_statistics(source), *activation_statistics(reconstructions))
+    """FID between two sets of feature vectors (N, D) and (M, D): torchmetrics' FrechetInceptionDistance
+    fed the vectors (source as "real"), in float64. Its distance is ||μ1 − μ2||² + Tr(Σ1) + Tr(Σ2)
+    − 2·Σ√λ_i(Σ1 Σ2) with unbiased covariances (the eigenvalue form of Tr (Σ1 Σ2)^½, which needs no
+    guard for the singular covariances of fewer vectors than dimensions)."""
+    # ~2 s to import: only where FID is computed.
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    real, fake = _feature_set("source", source), _feature_set("reconstructions", reconstructions)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"fid: source has {real.shape[1]}-d features, reconstructions {fake.shape[1]}-d")
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(real.shape[1]))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    return float(metric.compute())

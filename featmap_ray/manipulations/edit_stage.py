@@ -151,7 +151,8 @@ def run(cfg: Config) -> store.StageSummary:
             .map_batches(with_originals, batch_size=None, batch_format="pyarrow", fn_kwargs={"st": st})
             .map_batches(SemanticEditor, batch_size=edit.batch_size, batch_format="pyarrow",
                          fn_constructor_args=(edit, pipeline_class, edit.num_gpus > 0),
-                         compute=ray.data.ActorPoolStrategy(size=edit.num_actors), num_gpus=edit.num_gpus)
+                         compute=ray.data.ActorPoolStrategy(size=edit.num_actors), num_gpus=edit.num_gpus,
+                         resources=edit.resources or None)
         )
     skipped = sum(len(plans[dataset_of[sid]]) for sid in chosen) - n_pending
     return store.write_stage(st, STAGE, ds, [store.Target(st.images_uri, store.IMAGES_SCHEMA)],
