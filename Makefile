@@ -36,6 +36,9 @@ setup: $(STAMP) $(MOTO_STAMP)
 demo: setup
 	.venv/bin/featmap pipeline --config conf/demo.yaml
 	.venv/bin/featmap study --config conf/demo.yaml
+	.venv/bin/featmap recon-eval --config conf/demo.yaml
+	.venv/bin/featmap featinv-viz --config conf/demo.yaml
+	.venv/bin/featmap report --config conf/demo.yaml
 
 test: setup browser
 	$(PY) -m pytest -q

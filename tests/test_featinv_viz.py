@@ -206,7 +206,7 @@ def test_bad_viz_settings_stop_before_any_work(viz_setup, monkeypatch, capsys):
     for overrides, message, code in cases:
         assert cli.main(["featinv-viz", "--config", path, *overrides]) == code
         assert message in capsys.readouterr().err
-    assert not (tmp / "store" / "reports").exists()
+    assert not (tmp / "store" / "results").exists()
 
 
 def test_featinv_viz_command_writes_the_experiments(viz_setup, capsys):
@@ -215,7 +215,7 @@ def test_featinv_viz_command_writes_the_experiments(viz_setup, capsys):
     assert cli.main(["featinv-viz", "--config", path]) == 0
     out = capsys.readouterr().out
     assert "[featinv-viz] 2 images of class 'bird' × 2 concepts" in out
-    folder = cfg.storage + "/reports/study/featinv_viz"
+    folder = cfg.storage + "/results/study/featinv_viz"
     results = json.loads(open(f"{folder}/results.json").read())
     shown, seeds = results["shown"], results["seeds"]
     assert seeds == [100, 101] and len(shown) == 2 and results["composition"]["region"] == [2, 7, 2, 7]

@@ -176,7 +176,9 @@ def recon_tables(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
     for metric in RECON_METRICS:
         columns = {kind: f"manip_vs_{kind}_{metric}" for kind in ("target", "mapped", "baseline", "noise")
                    if f"manip_vs_{kind}_{metric}" in rows}
-        table = rows.groupby(keys, sort=True)[list(columns.values())].mean().rename(
+        # PSNR of two identical images is +inf: averaged over the finite values.
+        finite = rows[keys + list(columns.values())].replace([np.inf, -np.inf], np.nan)
+        table = finite.groupby(keys, sort=True)[list(columns.values())].mean().rename(
             columns={c: k for k, c in columns.items()})
         table["pairs"] = rows.groupby(keys, sort=True).size()
         out[metric] = table.reset_index()

@@ -18,6 +18,7 @@ stage (a new table version, so a reader never sees half of one).
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -372,5 +373,26 @@ def write_report(cfg: Config, out: Path) -> int:
         manipulated = {(r["source_id"], r["variant"]): imageio.decode_png_rgb(r["image"]) for r in stored}
         figures["Reconstructions: manipulated image, FeatInv of the true target, mapped, noise control, baseline"] = (
             report.recon_grids(recon, manipulated, out))
+    figures.update(_featinv_viz_figures(cfg, out))
     report.write_summary(tables, out / "report.md", figures=figures, title=f"FeatMap study {cfg.mapping.study}")
     return sum(len(paths) for paths in figures.values())
+
+
+def _featinv_viz_figures(cfg: Config, out: Path) -> dict[str, list[Path]]:
+    """`featmap featinv-viz`'s files copied into the report (it rebuilds the report folder as a whole), and
+    its grids as figures; nothing when the command has not run."""
+    from featmap_ray.featinv.viz_stage import output_dir
+
+    viz = output_dir(cfg)
+    if not (viz / "results.json").exists():
+        return {}
+    with viz.local_copy() as local:
+        shutil.copytree(local, out / "featinv_viz")
+    base = out / "featinv_viz"
+    return {
+        "FeatInv-Viz: concept steering (source | reconstruction | attenuated | heat map | affected pixels)":
+            sorted((base / "concepts").glob("*.png")),
+        "FeatInv-Viz: interpolation of two feature maps, and the cosine of each map to its reconstruction":
+            [base / "interpolation" / "strip.png", base / "interpolation" / "alpha_curve.png"],
+        "FeatInv-Viz: spatial composition (B's region in A's map)": [base / "composition" / "grid.png"],
+    }

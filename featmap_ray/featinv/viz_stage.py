@@ -4,8 +4,8 @@ config. The maths is in `viz.py`; this module reads the maps, samples, scores an
 
 It runs in the calling process (a handful of maps: no Ray Data), on CUDA when featinv.sampling.num_gpus
 > 0 (under `ray job submit`, give the driver the GPU: `--entrypoint-num-gpus 1`). Everything goes to
-`<storage>/reports/<mapping.study>/featinv_viz/` (replaced as a whole, local or object store) and to the
-MLflow stage run `<study>:featinv-viz`:
+`<storage>/results/<mapping.study>/featinv_viz/` (replaced as a whole, local or object store; `featmap report`
+copies it into the report) and to the MLflow stage run `<study>:featinv-viz`:
 
     concepts/<source>/            source.png, recon_seed<s>.png, concept<k>_seed<s>.png,
                                   concept<k>_heat.png, concept<k>_unaffected.png
@@ -31,7 +31,6 @@ from featmap_ray import backbones, imageio, runtime, store, tracking
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.cosine import median_cosine
 from featmap_ray.evaluation.report import _figure, _save, safe_name
-from featmap_ray.evaluation.stages import reports_dir
 from featmap_ray.featinv import data, metrics, viz
 from featmap_ray.storage import Location
 
@@ -288,6 +287,11 @@ def composition(sampler: Sampler, p: Plan, maps: dict[str, np.ndarray], out: Pat
     return {"a": p.pair[0], "b": p.pair[1], "region": list(p.region), "grid": list(p.grid), **influence}
 
 
+def output_dir(cfg: Config) -> Location:
+    """Where the experiments' files go: beside the study's results (a report is rebuilt from them)."""
+    return Location(cfg.storage) / "results" / cfg.mapping.study / "featinv_viz"
+
+
 def run(cfg: Config) -> str:
     """The three experiments on the selected maps; returns what it made, in words."""
     from safetensors.numpy import save_file
@@ -302,8 +306,8 @@ def run(cfg: Config) -> str:
                                                    f"(n_concepts {v.n_concepts}, rank {v.rank}, seed {v.seed})")
     sampler = Sampler(cfg, p)
     st = store.Store(cfg.storage)
-    target = reports_dir(cfg) / "featinv_viz"
-    with target.staged() as out:
+    target = output_dir(cfg)
+    with target.staged(marker="results.json") as out:
         concept_rows = steer_concepts(sampler, p, maps, sources, concepts, v.factor, out)
         interp_rows = interpolation(sampler, p, maps, sources, v.alphas, out)
         composed = composition(sampler, p, maps, out)
