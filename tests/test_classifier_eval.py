@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_BACKBONES, tiny_backbone
-from scipy.spatial.distance import jensenshannon
-from scipy.stats import entropy
 
 from featmap_ray import backbones
 from featmap_ray.config import BackboneRequest
@@ -104,20 +102,26 @@ def reference_metrics(p_orig, p_edit, p_mapped, labels) -> dict[str, float]:
     for name, p in probs.items():
         out[f"top1_label_{name}"] = np.mean([in_top(p[i], labels[i], 1) for i in range(n)])
         out[f"top5_label_{name}"] = np.mean([in_top(p[i], labels[i], k5) for i in range(n)])
-        h = np.array([entropy(p[i]) / np.log(p.shape[1]) for i in range(n)])
+        h = np.array([-sum(v * np.log(v) for v in p[i] if v > 0) / np.log(p.shape[1]) for i in range(n)])
         out[f"entropy_{name}_mean"], out[f"entropy_{name}_std"] = h.mean(), h.std()
     for a, b in (("orig", "mapped"), ("edit", "mapped"), ("orig", "edit")):
         out[f"agree_top1_{a}_{b}"] = np.mean([probs[a][i].argmax() == probs[b][i].argmax() for i in range(n)])
     for other in ("mapped", "edit"):
         out[f"agree_top5_orig_{other}"] = np.mean([in_top(probs[other][i], p_orig[i].argmax(), k5) for i in range(n)])
     for a, b in (("orig", "edit"), ("orig", "mapped"), ("edit", "mapped")):
-        jsd = np.array([jensenshannon(probs[a][i], probs[b][i], base=2) ** 2 for i in range(n)])
+        jsd = np.array([_jsd_bits_row(probs[a][i], probs[b][i]) for i in range(n)])
         out[f"jsd_{a}_{b}_mean"], out[f"jsd_{a}_{b}_std"] = jsd.mean(), jsd.std()
     for other in ("edit", "mapped"):
         d = np.abs(p_orig.max(1) - probs[other].max(1))
         out[f"maxprob_diff_{other}_mean"], out[f"maxprob_diff_{other}_std"] = d.mean(), d.std()
     out["n_samples"] = n
     return out
+
+
+def _jsd_bits_row(p: np.ndarray, q: np.ndarray) -> float:
+    """½ KL(p‖m) + ½ KL(q‖m) in bits, m = (p + q)/2, with 0 log 0 = 0."""
+    m = (p + q) / 2
+    return sum(0.5 * a * np.log2(a / mi) for pq in (p, q) for a, mi in zip(pq, m) if a > 0)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import entropy
 from torch import nn
 
 from featmap_ray.backbones import BackboneSpec
@@ -93,25 +95,16 @@ def _top_k(p: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-p, axis=1, kind="stable")[:, :k]
 
 
-def _normalised_entropy(p: np.ndarray, eps: float) -> np.ndarray:
-    return -(p * np.log(p + eps)).sum(1) / np.log(p.shape[1])
+def _normalised_entropy(p: np.ndarray) -> np.ndarray:
+    return entropy(p, axis=1) / np.log(p.shape[1])
 
 
 def _jsd_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Jensen–Shannon divergence in bits, in [0, 1]. Terms with p = 0 are 0 (the limit of
-    p log p); where p > 0 the mixture m >= p/2 > 0, so no epsilon is needed: identical rows give
-    exactly 0 and disjoint supports exactly 1."""
-    m = 0.5 * (p + q)
-    tiny = np.finfo(np.float64).tiny  # m can only underflow to 0 for subnormal p
-
-    def kl(a: np.ndarray) -> np.ndarray:
-        ratio = np.where(a > 0, a, 1.0) / np.maximum(m, tiny)
-        return np.where(a > 0, a * np.log2(ratio), 0.0).sum(1)
-
-    return np.clip(0.5 * kl(p) + 0.5 * kl(q), 0.0, 1.0)
+    """Jensen–Shannon divergence in bits, in [0, 1] (scipy's distance, squared)."""
+    return np.clip(jensenshannon(p, q, base=2, axis=1) ** 2, 0.0, 1.0)
 
 
-def probability_metrics(p_orig, p_edit, p_mapped, labels, eps: float = 1e-12) -> dict[str, float]:
+def probability_metrics(p_orig, p_edit, p_mapped, labels) -> dict[str, float]:
     """Agreement metrics from softmax probabilities [N, K] (numpy or torch) of the original, the
     edited (true target) and the mapped feature maps, with labels [N] (the original's class, as
     the reference). Rows are renormalised to sum to 1. Keys:
@@ -119,8 +112,9 @@ def probability_metrics(p_orig, p_edit, p_mapped, labels, eps: float = 1e-12) ->
     - top{1,5}_label_{orig,edit,mapped}: accuracy against labels;
     - agree_top1_{orig,edit}_mapped, agree_top1_orig_edit: equal argmax;
     - agree_top5_orig_mapped, agree_top5_orig_edit: the original's top-1 among the other's top-5;
-    - entropy_{orig,edit,mapped}_{mean,std}: H(p)/ln K with H = -sum p ln(p + eps);
-    - jsd_{orig_edit,orig_mapped,edit_mapped}_{mean,std}: Jensen–Shannon divergence, bits, [0, 1];
+    - entropy_{orig,edit,mapped}_{mean,std}: H(p)/ln K with H = -sum p ln p, 0 ln 0 = 0 (scipy.stats.entropy);
+    - jsd_{orig_edit,orig_mapped,edit_mapped}_{mean,std}: Jensen–Shannon divergence, bits, [0, 1]
+      (scipy.spatial.distance.jensenshannon, base 2, squared);
     - maxprob_diff_{edit,mapped}_{mean,std}: |max p_orig - max p_other|;
     - n_samples.
 
@@ -151,7 +145,7 @@ def probability_metrics(p_orig, p_edit, p_mapped, labels, eps: float = 1e-12) ->
     for other in ("mapped", "edit"):
         out[f"agree_top5_orig_{other}"] = float(np.mean((top5[other] == top1["orig"][:, None]).any(1)))
 
-    per_sample = {f"entropy_{name}": _normalised_entropy(p, eps) for name, p in probs.items()}
+    per_sample = {f"entropy_{name}": _normalised_entropy(p) for name, p in probs.items()}
     for a, b in (("orig", "edit"), ("orig", "mapped"), ("edit", "mapped")):
         per_sample[f"jsd_{a}_{b}"] = _jsd_bits(probs[a], probs[b])
     for other in ("edit", "mapped"):

@@ -100,8 +100,10 @@ class ReconEvaluator:
         if self.cfg.evaluate.reconstruction.noise_control:
             rngs = [np.random.default_rng(derive_seed(self.cfg.evaluate.reconstruction.seed, key, t["source_id"]))
                     for t in tasks]
-            maps["noise"] = np.stack([image_metrics.noise_control(xi, mi, rng)
-                                      for xi, mi, rng in zip(x, mapped, rngs, strict=True)])
+            # A non-finite original or mapped map has no noise control; the caller turns the pair into a failure row.
+            finite = [np.isfinite(xi).all() and np.isfinite(mi).all() for xi, mi in zip(x, mapped, strict=True)]
+            maps["noise"] = np.stack([image_metrics.noise_control(xi, mi, rng) if ok else np.full_like(xi, np.nan)
+                                      for xi, mi, rng, ok in zip(x, mapped, rngs, finite, strict=True)])
         change = np.linalg.norm(mapped - x, axis=1).mean(axis=(1, 2))
         return maps, change
 

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from matplotlib.patches import Rectangle
 from PIL import Image
+from tqdm import tqdm
 
 from featmap_ray import backbones, imageio, runtime, store, tracking
 from featmap_ray.config import BackboneRequest, Config
@@ -188,7 +189,7 @@ def steer_concepts(sampler: Sampler, p: Plan, maps: dict[str, np.ndarray], sourc
                    concepts: viz.Concepts, factor: float, out: Path) -> list[dict]:
     """Per shown image and concept: φ and φ' reconstructed with the same seeds, heat map and mask."""
     rows = []
-    for sid in p.shown:
+    for sid in tqdm(p.shown, desc="featinv-viz: concept steering", unit="image"):  # in-process: Ray shows nothing
         phi, name = maps[sid], safe_name(sid)
         folder = out / "concepts" / name
         variants = [phi] + [viz.attenuate(phi, concepts, k, factor).astype(np.float32) for k in range(len(concepts))]
@@ -229,7 +230,7 @@ def interpolation(sampler: Sampler, p: Plan, maps: dict[str, np.ndarray], source
     """φ_α for every α, reconstructed with the same seeds; the cosine between φ_α and each reconstruction's map."""
     a, b = (maps[sid] for sid in p.pair)
     rows, first = [], []
-    for alpha in alphas:
+    for alpha in tqdm(alphas, desc="featinv-viz: interpolation", unit="alpha"):
         phi = viz.interpolate(a, b, alpha).astype(np.float32)
         images = sampler.per_seed(phi, p.seeds)
         first.append(images[0])
