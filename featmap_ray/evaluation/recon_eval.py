@@ -166,7 +166,8 @@ def choose_sources(source_ids: list[str], n: int, seed: int, dataset: str, manip
 def plan(cfg: Config) -> dict[str, dict]:
     """The runs to evaluate, checked before any work: finished, of FeatInv's (backbone, layer), with held-out pairs."""
     from featmap_ray.mapping import data as pair_data
-    from featmap_ray.mapping.artefacts import finished_runs, load_run
+    from featmap_ray.mapping.artefacts import finished_runs, read_info
+    from featmap_ray.mapping.grid import RunSpec
 
     rc = cfg.evaluate.reconstruction
     request, layer = data.featinv_backbone(cfg)
@@ -178,7 +179,7 @@ def plan(cfg: Config) -> dict[str, dict]:
                              f"{cfg.mapping.study!r}; finished: {sorted(finished)[:10]}")
     st, runs = store.Store(cfg.storage), {}
     for key in rc.runs if rc.runs is not None else sorted(finished):
-        _, spec, _ = load_run(finished[key])
+        spec = RunSpec.from_dict(read_info(finished[key])["spec"])  # the spec only: models load in the actors
         if (spec.backbone, spec.layer) != (request.name, layer):
             if rc.runs is None:
                 continue  # another layer's run: FeatInv cannot invert it
