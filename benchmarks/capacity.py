@@ -62,10 +62,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from featinv_sampling import minisd_shaped_base, timed  # noqa: E402
 
 from featmap_ray import backbones, extract, imageio, ingest  # noqa: E402
-from featmap_ray.config import (BackboneRequest, DatasetConfig, FeatInvTraining, ManipulateConfig,  # noqa: E402
-                                MappingTraining, load_config)
+from featmap_ray.config import (  # noqa: E402
+    BackboneRequest,
+    DatasetConfig,
+    FeatInvTraining,
+    ManipulateConfig,
+    MappingTraining,
+    load_config,
+)
 from featmap_ray.manipulations import direct  # noqa: E402
-from featmap_ray.manipulations.stage import variant_row  # noqa: E402
+from featmap_ray.stages.manipulate import variant_row  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["ingest", "manipulate", "extract", "mapping", "featinv", "featinv-train"]
@@ -361,7 +367,7 @@ def featinv_per_image(res: Results, which: int = 0) -> float:
 def run_featinv_train(res: Results, args, fi_cache: dict) -> None:
     from diffusers import DDPMScheduler
 
-    from featmap_ray.featinv.train import diffusion_loss
+    from featmap_ray.stages.featinv_train import diffusion_loss
 
     if "model" not in fi_cache:
         started = time.perf_counter()

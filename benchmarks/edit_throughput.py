@@ -41,9 +41,9 @@ def bare_loop(cfg, edits: list[tuple[str, bytes, str]]) -> float:
     """The pipeline loaded once, then one call per image: what a hand-written script does."""
     from PIL import Image
 
-    from featmap_ray import imageio
+    from featmap_ray.io import imageio
     from featmap_ray.manipulations import semantic
-    from featmap_ray.manipulations.direct import derive_seed
+    from featmap_ray.seeding import derive_seed
 
     edit = cfg.edit
     device = "cuda" if edit.num_gpus > 0 else "cpu"
@@ -73,17 +73,19 @@ def main() -> None:
     import lance
     import ray
 
-    from featmap_ray import ingest, runtime, store
-    from featmap_ray.manipulations import edit_stage
+    from featmap_ray import runtime
+    from featmap_ray.io import tables
+    from featmap_ray.stages import edit as edit_stage
+    from featmap_ray.stages import ingest
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(tmp, args)
         runtime.init_ray(cfg)
         ingest.run(cfg)
-        st = store.Store(cfg.storage)
-        table = lance.dataset(st.images_uri).to_table(columns=["source_id", "image"],
-                                                      filter=f"variant = '{store.ORIGINAL}'")
+        st = tables.Store(cfg.storage)
+        table = lance.dataset(st.layout.images).to_table(columns=["source_id", "image"],
+                                                      filter=f"variant = '{tables.ORIGINAL}'")
         originals = sorted(zip(table["source_id"].to_pylist(), table["image"].to_pylist(), strict=True))
         # More edits than originals: each original under several ids (a planned edit per repeat).
         repeats = -(-args.images // len(originals))

@@ -4,7 +4,7 @@
 
 Builds an images table of N demo photos (scikit-image originals plus rotations) in a temporary
 storage root, then measures in one run:
-  ours          `featmap_ray.extract.run` wall clock: decode, preprocess, forward, Lance write,
+  ours          `featmap_ray.stages.extract.run` wall clock: decode, preprocess, forward, Lance write,
                 actor start and model build included, Ray start-up excluded;
   bare          the same images decoded into memory up front (not timed) and the same model in a
                 plain `torch.inference_mode()` loop, forward only, after one warm-up batch;
@@ -27,9 +27,10 @@ from pathlib import Path
 import lance
 import torch
 
-from featmap_ray import backbones, extract, ingest, runtime, store
+from featmap_ray import backbones, runtime
 from featmap_ray.config import BackboneRequest, load_config
-from featmap_ray.manipulations import stage as manipulate
+from featmap_ray.io import tables
+from featmap_ray.stages import extract, ingest, manipulate
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "demo.yaml"
 ALL_STAGES = ["stage0", "stage1", "stage2", "stage3"]
@@ -48,15 +49,15 @@ def build_images(storage: str, n: int, batch_size: int, device: str) -> None:
     """Ingest the demo photos, add as many rotations as needed, keep the first n rows."""
     cfg = config(storage, ALL_STAGES, batch_size, device, [])
     runtime.init_ray(cfg)
-    originals = ingest.run(cfg).written[store.Store(storage).images_uri]
+    originals = ingest.run(cfg).written[tables.Store(storage).layout.images]
     rotations = [10 * (i + 1) for i in range(math.ceil(n / originals) - 1)]
     if rotations:
         manipulate.run(config(storage, ALL_STAGES, batch_size, device, rotations))
-    st = store.Store(storage)
-    table = st.open(st.images_uri).to_table().sort_by([("source_id", "ascending"), ("variant", "ascending")])
+    st = tables.Store(storage)
+    table = st.open(st.layout.images).to_table().sort_by([("source_id", "ascending"), ("variant", "ascending")])
     if table.num_rows < n:
         raise SystemExit(f"only {table.num_rows} images could be built, {n} asked for")
-    lance.write_dataset(table.slice(0, n), st.images_uri, mode="overwrite")
+    lance.write_dataset(table.slice(0, n), st.layout.images, mode="overwrite")
 
 
 def time_ours(storage: str, layers: list[str], batch_size: int, device: str, n: int) -> float:
@@ -113,13 +114,13 @@ def main() -> None:
         rows = [(f"ours ({','.join(layers)})", time_ours(storage, layers, bs, device, n)),
                 ("ours (4 layers)", time_ours(storage, ALL_STAGES, bs, device, n))]
 
-        st = store.Store(storage)
+        st = tables.Store(storage)
         start = time.perf_counter()
         model = backbones.build_model(spec, request, device)
         build_seconds = time.perf_counter() - start
-        images = st.open(st.images_uri).to_table(columns=[*extract.LABELS, "image"])
+        images = st.open(st.layout.images).to_table(columns=[*extract.LABELS, "image"])
         keys = frozenset(zip(images["source_id"].to_pylist(), images["variant"].to_pylist()))
-        pixels = torch.tensor(store.tensor_numpy(extract.preprocess_batch(images, spec.input_size, keys)["pixels"]))
+        pixels = torch.tensor(tables.tensor_numpy(extract.preprocess_batch(images, spec.input_size, keys)["pixels"]))
         x = backbones.normalise(pixels.to(device), spec)
         rows += [(f"bare batched (bs {bs})", time_bare(model, spec, layers, x, bs, device)),
                  ("bare unbatched (bs 1)", time_bare(model, spec, layers, x, 1, device))]
@@ -136,7 +137,7 @@ def main() -> None:
         print("\n| layer | C×H×W | float32 bytes | stored bytes/row | ratio (target ≤ 0.5) |")
         print("|---|---|---:|---:|---:|")
         for layer, (c, h, w) in shapes.items():
-            uri = st.features_uri(spec.name, layer)
+            uri = st.layout.features(spec.name, layer)
             stored = dir_bytes(uri) / st.count(uri)
             print(f"| {layer} | {c}×{h}×{w} | {c * h * w * 4} | {stored:.0f} | {stored / (c * h * w * 4):.4f} |")
 

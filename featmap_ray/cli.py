@@ -18,37 +18,38 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from featmap_ray import store
 from featmap_ray.config import Config, ConfigError, load_config
+from featmap_ray.io import tables
+from featmap_ray.stages import base
 
 log = logging.getLogger("featmap")
 
 
-def _ingest(cfg: Config) -> list[store.StageSummary]:
-    from featmap_ray import ingest
+def _ingest(cfg: Config) -> list[base.StageSummary]:
+    from featmap_ray.stages import ingest
 
     return [ingest.run(cfg)]
 
 
-def _manipulate(cfg: Config) -> list[store.StageSummary]:
-    from featmap_ray.manipulations import stage
+def _manipulate(cfg: Config) -> list[base.StageSummary]:
+    from featmap_ray.stages import manipulate as stage
 
     return [stage.run(cfg)]
 
 
-def _edit(cfg: Config) -> list[store.StageSummary]:
-    from featmap_ray.manipulations import edit_stage
+def _edit(cfg: Config) -> list[base.StageSummary]:
+    from featmap_ray.stages import edit as edit_stage
 
     return [edit_stage.run(cfg)]
 
 
-def _extract(cfg: Config) -> list[store.StageSummary]:
-    from featmap_ray import extract
+def _extract(cfg: Config) -> list[base.StageSummary]:
+    from featmap_ray.stages import extract
 
     return extract.run(cfg)
 
 
-STAGES: dict[str, Callable[[Config], list[store.StageSummary]]] = {
+STAGES: dict[str, Callable[[Config], list[base.StageSummary]]] = {
     "ingest": _ingest,
     "manipulate": _manipulate,
     "edit": _edit,
@@ -63,7 +64,7 @@ def pipeline_stages(cfg: Config) -> list[str]:
 
 
 def _fit(cfg: Config) -> object:
-    from featmap_ray.mapping import fit
+    from featmap_ray.stages import fit
 
     summary = fit.run_study(cfg)
     if summary.failed and not summary.fitted and not summary.skipped:
@@ -74,13 +75,13 @@ def _fit(cfg: Config) -> object:
 def _sweep(cfg: Config) -> object:
     import json
 
-    from featmap_ray.mapping import sweep
+    from featmap_ray.stages import sweep
 
     return json.dumps(sweep.run_sweep(cfg), indent=1, default=str)
 
 
 def _evaluate(cfg: Config) -> object:
-    from featmap_ray.evaluation import stages
+    from featmap_ray.stages import evaluate as stages
 
     frame = stages.run_evaluate(cfg)
     cols = [c for c in ("backbone", "layer", "manipulation", "model", "cos_median_upper", "mse", "agree_top1_orig_mapped")
@@ -89,44 +90,44 @@ def _evaluate(cfg: Config) -> object:
 
 
 def _analyze(cfg: Config) -> object:
-    from featmap_ray.evaluation import stages
+    from featmap_ray.stages import evaluate as stages
 
     frames = stages.run_analyze(cfg)
     return "[analyze] " + ", ".join(f"{name}: {len(f)} rows in {stages.results_uri(cfg, name)}" for name, f in frames.items())
 
 
 def _report(cfg: Config) -> object:
-    from featmap_ray.evaluation import stages
+    from featmap_ray.stages import evaluate as stages
 
     return f"[report] {stages.run_report(cfg)}"
 
 
 def _featinv_train(cfg: Config) -> object:
-    from featmap_ray.featinv import train
+    from featmap_ray.stages import featinv_train as train
 
     return train.run(cfg)
 
 
 def _reconstruct(cfg: Config) -> object:
-    from featmap_ray.featinv import reconstruct
+    from featmap_ray.stages import reconstruct
 
     s = cfg.featinv.sampling
     if s.mapping_run is None:
         return reconstruct.run(cfg)
-    from featmap_ray.mapping.apply import mapped_features
+    from featmap_ray.stages.mapped import mapped_features
 
     ds, keys = mapped_features(cfg, s.mapping_run, split=s.split or "test")
     return reconstruct.reconstruct_dataset(cfg, ds, f"mapped:{s.mapping_run}", keys=keys[: s.limit])
 
 
 def _recon_eval(cfg: Config) -> object:
-    from featmap_ray.evaluation import recon_eval
+    from featmap_ray.stages import recon_eval
 
     return recon_eval.run(cfg)
 
 
 def _featinv_viz(cfg: Config) -> object:
-    from featmap_ray.featinv import viz_stage
+    from featmap_ray.stages import featinv_viz as viz_stage
 
     return viz_stage.run(cfg)
 
@@ -167,11 +168,11 @@ def featinv_import(args: argparse.Namespace) -> int:
 def _stage_inputs(cfg: Config, name: str) -> list:
     """What a pipeline stage reads, for its MLflow run's inputs: the dataset folder (ingest), the
     images table at its current version (manipulate, edit, extract)."""
-    from featmap_ray import tracking
+    from featmap_ray.io import tracking
 
     if name == "ingest":
         return [tracking.TableInput(cfg.dataset.name, cfg.dataset.root)]
-    return tracking.table_inputs(cfg, [store.Store(cfg.storage).images_uri])
+    return tracking.table_inputs(cfg, [tables.Store(cfg.storage).layout.images])
 
 
 def serve_until_interrupted(cfg: Config) -> int:
@@ -196,11 +197,11 @@ def serve_until_interrupted(cfg: Config) -> int:
     return 0
 
 
-def run_stage(cfg: Config, name: str) -> list[store.StageSummary]:
+def run_stage(cfg: Config, name: str) -> list[base.StageSummary]:
     """One stage inside its own MLflow run, with the summary as metrics and what it read as inputs."""
     import mlflow
 
-    from featmap_ray import tracking
+    from featmap_ray.io import tracking
 
     with tracking.stage_run(cfg, name, _stage_inputs(cfg, name)):
         summaries = STAGES[name](cfg)
@@ -214,20 +215,21 @@ def run_stage(cfg: Config, name: str) -> list[store.StageSummary]:
 
 def describe(cfg: Config) -> str:
     """Where the tables are, how many rows they hold, and how to look at them."""
-    from featmap_ray import backbones, tracking
+    from featmap_ray import backbones
+    from featmap_ray.io import tracking
 
-    st = store.Store(cfg.storage)
-    uris = [st.images_uri]
+    st = tables.Store(cfg.storage)
+    uris = [st.layout.images]
     for request in cfg.extract.backbones:
         spec = backbones.get_spec(request.name)
-        uris += [st.features_uri(spec.name, layer) for layer in backbones.resolve_layers(spec, request.layers)]
-    uris.append(st.errors_uri)
+        uris += [st.layout.features(spec.name, layer) for layer in backbones.resolve_layers(spec, request.layers)]
+    uris.append(st.layout.errors)
     lines = [f"storage root: {cfg.storage}"]
     lines += [f"  {st.count(uri):>7} rows  {uri}" for uri in uris if st.open(uri) is not None] or [
         "  no tables yet: run `featmap pipeline`"]
     lines += [
         "look at them:",
-        f"  python -c \"import lance; print(lance.dataset('{st.images_uri}').to_table(columns=['source_id','variant','class_name']).to_pandas())\"",
+        f"  python -c \"import lance; print(lance.dataset('{st.layout.images}').to_table(columns=['source_id','variant','class_name']).to_pandas())\"",
     ]
     if (command := tracking.ui_command(cfg)) is not None:
         lines.append(f"  {command}")
@@ -246,7 +248,7 @@ def describe(cfg: Config) -> str:
 def _check_dataset(cfg: Config) -> None:
     """dataset.root is a folder holding image files of the configured classes (the builtin demo
     photographs are unpacked by ingest itself)."""
-    from featmap_ray import ingest
+    from featmap_ray.stages import ingest
 
     root = cfg.dataset.root
     if not root.startswith("builtin:") and not ingest.discover(cfg.dataset, root):
@@ -254,9 +256,9 @@ def _check_dataset(cfg: Config) -> None:
 
 
 def _check_images(cfg: Config) -> None:
-    st = store.Store(cfg.storage)
-    if st.open(st.images_uri) is None:
-        raise FileNotFoundError(f"no images table at {st.images_uri}: run `featmap ingest` first")
+    st = tables.Store(cfg.storage)
+    if st.open(st.layout.images) is None:
+        raise FileNotFoundError(f"no images table at {st.layout.images}: run `featmap ingest` first")
 
 
 def _check_edit(cfg: Config) -> None:
@@ -285,7 +287,7 @@ def _check_backbones(cfg: Config) -> None:
 
 
 def _check_study(cfg: Config) -> None:
-    from featmap_ray.mapping import fit
+    from featmap_ray.stages import fit
 
     fit.validate_study(cfg)
 
@@ -298,13 +300,13 @@ def _check_grid(cfg: Config) -> None:
 
 
 def _check_sweep(cfg: Config) -> None:
-    from featmap_ray.mapping import sweep
+    from featmap_ray.stages import sweep
 
     sweep.search_space(cfg, sweep.base_spec(cfg))
 
 
 def _check_evaluations(cfg: Config) -> None:
-    from featmap_ray.evaluation import stages
+    from featmap_ray.stages import evaluate as stages
 
     stages.read_results(cfg, "evaluations")
 
@@ -312,8 +314,9 @@ def _check_evaluations(cfg: Config) -> None:
 def _check_featinv(cfg: Config) -> None:
     """The backbone and layer FeatInv inverts, their weights, the ControlNet's MLflow run or model
     version (featinv.controlnet as runs:/ or models:/), and the Stable Diffusion base model."""
-    from featmap_ray import backbones, tracking
+    from featmap_ray import backbones
     from featmap_ray.featinv import data
+    from featmap_ray.io import tracking
 
     request, _ = data.featinv_backbone(cfg)
     backbones.check_weights(backbones.get_spec(request.name), request)
@@ -329,7 +332,8 @@ def _check_recon_eval(cfg: Config) -> None:
     """The judge backbone (name, layer, weights), LPIPS's local weights, and the runs to evaluate: finished,
     of the FeatInv model's (backbone, layer), with held-out pairs."""
     from featmap_ray import backbones
-    from featmap_ray.evaluation import image_metrics, recon_eval
+    from featmap_ray.evaluation import image_metrics
+    from featmap_ray.stages import recon_eval
 
     rc = cfg.evaluate.reconstruction
     spec = backbones.get_spec(rc.judge.name)
@@ -343,7 +347,7 @@ def _check_recon_eval(cfg: Config) -> None:
 def _check_featinv_viz(cfg: Config) -> None:
     """featinv.viz against the features table: the images, the pair, the region on the layer's grid, the
     concept bases' dimension, the alphas (the config checks their range)."""
-    from featmap_ray.featinv import viz_stage
+    from featmap_ray.stages import featinv_viz as viz_stage
 
     viz_stage.plan(cfg)
 
@@ -572,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in STUDY or name == "study":
             for step in ["fit", "evaluate", "analyze", "report"] if name == "study" else [name]:
                 print(STUDY[step](cfg), flush=True)
-            from featmap_ray import tracking
+            from featmap_ray.io import tracking
 
             print(tracking.runs_page_line(cfg), flush=True)
             return 0
@@ -587,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(describe(cfg))
     # Non-zero only when nothing usable came out: every row of every stage failed or was absent.
-    st = store.Store(cfg.storage)
-    if st.count(st.images_uri, filter=f"variant = '{store.ORIGINAL}'") == 0:
+    st = tables.Store(cfg.storage)
+    if st.count(st.layout.images, filter=f"variant = '{tables.ORIGINAL}'") == 0:
         print("featmap: no usable images were found", file=sys.stderr)
         return 1
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from featmap_ray.storage import Location
+from featmap_ray.io.files import Location
 
 # class -> photo files inside the scikit-image package (skimage/data/)
 PHOTOS = {

@@ -46,8 +46,8 @@ def free_ports(n: int) -> list[int]:
 
 
 def _psutil():
-    import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
     import psutil
+    import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
 
     return psutil
 

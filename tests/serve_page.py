@@ -19,9 +19,10 @@ import lance
 import pytest
 from PIL import Image
 
-from featmap_ray import store
+from featmap_ray.io import tables
 from tests.conftest import write_image
 from tests.ray_cluster import REPO
+
 CHROMIUM = Path("/usr/lib/chromium/chromium")  # the real binary: /usr/bin/chromium is a wrapper script
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 INSTALL = ("install Debian's chromium and chromium-driver: `apt-get install --no-install-recommends chromium "
@@ -181,14 +182,14 @@ def test_the_mapped_tab_reconstructs_an_upload_after_a_mapping_run(page, service
 
 def test_a_stored_sample_by_its_source_id(page, service):
     cfg = service["cfg"]
-    st = store.Store(cfg.storage)
-    originals = lance.dataset(st.images_uri).to_table(columns=["source_id"], filter="variant = 'original'")
+    st = tables.Store(cfg.storage)
+    originals = lance.dataset(st.layout.images).to_table(columns=["source_id"], filter="variant = 'original'")
     source_id = originals["source_id"][0].as_py()
     _set(page, "sample-source-id", source_id)
     _run_and_wait(page)
     assert not _by_id(page, "error").is_displayed(), _by_id(page, "error").text
     assert f"stored sample {source_id} / original" in _by_id(page, "result-model").text
-    stored = st.rows(st.images_uri, [(source_id, "original")], ["image"])["image"][0].as_py()
+    stored = st.rows(st.layout.images, [(source_id, "original")], ["image"])["image"][0].as_py()
     assert _image(page, _by_id(page, "result-original")).tobytes() == Image.open(io.BytesIO(stored)).tobytes()
     assert [r["seed"] for r in _reconstructions(page, service["default_model"].image_size)] == cfg.serve.seeds
 

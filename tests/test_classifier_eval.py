@@ -189,7 +189,7 @@ def test_probability_metrics_reject_bad_input():
 def test_task_device_is_cuda_only_with_a_ray_gpu_that_torch_can_use(monkeypatch):
     import ray
 
-    from featmap_ray.evaluation.stages import task_device
+    from featmap_ray.stages.evaluate import task_device
 
     assert task_device() == torch.device("cpu")  # this machine: no GPU
     for gpu_ids, cuda, want in [([], False, "cpu"), ([0], False, "cpu"), ([], True, "cpu"), (["0"], True, "cuda")]:
@@ -215,7 +215,7 @@ class Flip(torch.nn.Module):
 
 
 def test_score_models_batch_by_batch_matches_the_definitions():
-    from featmap_ray.evaluation.stages import score_models, task_device
+    from featmap_ray.stages.evaluate import score_models, task_device
 
     spec, model = _model("convnext_base")
     tail = classifier_tail(model, spec, "stage2")  # 32 × 18 × 18: an even number of positions

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import lance
@@ -16,7 +15,8 @@ import pytest
 import ray
 import yaml
 
-from featmap_ray import cli, config, runtime, store
+from featmap_ray import cli, config, runtime
+from featmap_ray.io import tables
 from tests.conftest import write_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_exit_codes(tmp_path, capsys):
     (bad / "b.jpg").write_text("not a jpeg")
     assert cli.main(["ingest", "--config", _config_file(tmp_path, bad)]) == 1  # nothing usable
     assert "no usable images" in capsys.readouterr().err
-    assert store.Store(str(tmp_path / "store")).errors("ingest").num_rows == 2
+    assert tables.Store(str(tmp_path / "store")).errors("ingest").num_rows == 2
 
 
 @needs_ray
@@ -86,7 +86,7 @@ def test_extract_killed_half_way_resumes_to_exactly_the_expected_rows(tmp_path):
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            ds = store.open_table(uri)
+            ds = tables.open_table(uri)
             if ds is not None and ds.count_rows() >= 2:
                 break
             time.sleep(0.2)

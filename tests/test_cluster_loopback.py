@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tiny_backbone, write_image
+
 from tests import ray_cluster as rc
 
 pytestmark = pytest.mark.slow
@@ -400,7 +400,7 @@ def test_mlflow_server_has_the_runs(cluster, pipeline_job, study_job):
     mapping_run = by_name[RUN_KEY]
     assert mapping_run.data.tags["mlflow.parentRunId"] == by_name[f"{STUDY}:fit"].info.run_id
     # The metrics the worker node's trial logged are the published run's.
-    from featmap_ray.storage import Location
+    from featmap_ray.io.files import Location
 
     info = Location(f"{cluster.storage}/mapping/runs/{STUDY}/{RUN_KEY}/run.json").read_json()
     assert mapping_run.data.metrics["final_val_loss"] == pytest.approx(info["best"]["val_loss"])
@@ -420,7 +420,7 @@ def test_mlflow_server_has_the_runs(cluster, pipeline_job, study_job):
 def test_study_equals_a_single_node_run(cluster, study_job, reference_study):
     import lance
 
-    from featmap_ray.storage import Location
+    from featmap_ray.io.files import Location
 
     got = Location(f"{cluster.storage}/mapping/runs/{STUDY}/{RUN_KEY}/run.json").read_json()
     want = json.loads((reference_study / "mapping" / "runs" / STUDY / RUN_KEY / "run.json").read_text())

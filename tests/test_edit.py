@@ -20,10 +20,13 @@ import torch
 import yaml
 from PIL import Image
 
-from featmap_ray import cli, imageio, ingest, runtime, store
+from featmap_ray import cli, runtime
 from featmap_ray.config import Config, ConfigError, EditConfig, load_config
-from featmap_ray.manipulations import edit_stage, semantic
-from featmap_ray.manipulations.direct import derive_seed
+from featmap_ray.io import imageio, tables
+from featmap_ray.manipulations import semantic
+from featmap_ray.seeding import derive_seed
+from featmap_ray.stages import base, ingest
+from featmap_ray.stages import edit as edit_stage
 from tests.conftest import make_config, tiny_backbone, write_image
 
 PROMPTS = {"Make_blue": "Make the object bright blue, keep everything else the same.",
@@ -50,8 +53,8 @@ def write_dataset(root, classes=CLASSES, per_split=PER_SPLIT):
 
 
 def table_rows(cfg, **filters) -> list[dict]:
-    st = store.Store(cfg.storage)
-    rows = lance.dataset(st.images_uri).to_table().to_pylist()
+    st = tables.Store(cfg.storage)
+    rows = lance.dataset(st.layout.images).to_table().to_pylist()
     return [r for r in rows if all(r[k] == v for k, v in filters.items())]
 
 
@@ -64,7 +67,7 @@ def config_file(cfg, path) -> str:
 class Edited:
     cfg: Config
     committed_at_kill: int  # edits the killed `featmap edit` had committed
-    resumed: store.StageSummary  # the re-run's summary
+    resumed: base.StageSummary  # the re-run's summary
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,7 @@ def edited(tmp_path_factory, ray_session) -> Edited:
     tmp = tmp_path_factory.mktemp("edit")
     cfg = make_config(tmp / "store", write_dataset(tmp / "data"), edit=EDIT)
     ingest.run(cfg)
-    uri = store.Store(cfg.storage).images_uri
+    uri = tables.Store(cfg.storage).layout.images
     with open(tmp / "edit.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "featmap_ray.cli", "edit", "--config", config_file(cfg, tmp / "c.yaml")],
                                 start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -95,7 +98,7 @@ def test_a_killed_job_resumes_to_exactly_one_row_per_key(edited):
     # A write task of the killed job that was already running may still commit before Ray's workers
     # notice the dead driver (even while the re-run edits: its commit then drops those keys as stored).
     assert summary.failed == 0 and summary.skipped >= edited.committed_at_kill
-    assert summary.skipped + summary.written[store.Store(cfg.storage).images_uri] <= N_EDITS
+    assert summary.skipped + summary.written[tables.Store(cfg.storage).layout.images] <= N_EDITS
     keys = [(r["source_id"], r["variant"]) for r in table_rows(cfg, family="semantic")]
     assert len(keys) == len(set(keys)) == N_EDITS
     assert edit_stage.run(cfg).skipped == N_EDITS  # and a third run has nothing left to do
@@ -103,7 +106,7 @@ def test_a_killed_job_resumes_to_exactly_one_row_per_key(edited):
 
 def test_edit_writes_every_chosen_original_with_each_prompt_its_seed_and_settings(edited):
     cfg = edited.cfg
-    originals = {r["source_id"]: r for r in table_rows(cfg, variant=store.ORIGINAL)}
+    originals = {r["source_id"]: r for r in table_rows(cfg, variant=tables.ORIGINAL)}
     edits = table_rows(cfg, family="semantic")
 
     keys = [(r["source_id"], r["variant"]) for r in edits]
@@ -136,8 +139,8 @@ def test_edit_writes_every_chosen_original_with_each_prompt_its_seed_and_setting
 
 def test_the_choice_of_originals_is_seeded_and_independent_of_table_order(edited):
     cfg = edited.cfg
-    st = store.Store(cfg.storage)
-    originals = lance.dataset(st.images_uri).to_table(filter=f"variant = '{store.ORIGINAL}'")
+    st = tables.Store(cfg.storage)
+    originals = lance.dataset(st.layout.images).to_table(filter=f"variant = '{tables.ORIGINAL}'")
     chosen = edit_stage.choose_sources(originals, cfg.edit)
     assert sorted(edit_stage.choose_sources(originals.take(np.arange(originals.num_rows)[::-1]), cfg.edit)) == sorted(chosen)
     assert sorted(chosen) == sorted({r["source_id"] for r in table_rows(cfg, family="semantic")})
@@ -151,7 +154,7 @@ def test_the_same_key_gives_the_same_pixels_in_another_process(edited, single_to
     """An edit depends on its key only: recomputed here (another process, another thread count, no
     Ray batch around it) it matches what an actor of the job stored."""
     cfg = edited.cfg
-    originals = {r["source_id"]: r for r in table_rows(cfg, variant=store.ORIGINAL)}
+    originals = {r["source_id"]: r for r in table_rows(cfg, variant=tables.ORIGINAL)}
     pipe = semantic.load_pipeline(cfg.edit)
     for row in table_rows(cfg, family="semantic")[:3]:
         image = Image.fromarray(imageio.decode_png_rgb(originals[row["source_id"]]["image"]))
@@ -190,14 +193,14 @@ def test_a_pipeline_folder_that_takes_batches_edits_each_item_as_alone(tmp_path,
 
 def test_failures_become_rows_and_the_rest_of_the_batch_goes_on(edited, single_torch_thread):
     cfg = edited.cfg
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     [plan] = semantic.planned_edits(cfg.edit, "t")[:1]
-    sources = sorted(sid for sid, _ in st.keys(st.images_uri, filter=f"variant = '{store.ORIGINAL}'"))[:2]
+    sources = sorted(sid for sid, _ in st.keys(st.layout.images, filter=f"variant = '{tables.ORIGINAL}'"))[:2]
     tasks = edit_stage.with_originals(pa.Table.from_pylist(
         [{"source_id": sid, "variant": plan.variant, "prompt": plan.prompt, "name": plan.name, "repeat": 0,
           "seed": i} for i, sid in enumerate(sources)]), st)
     assert tasks["class_name"].to_pylist() == [r["class_name"] for sid in sources
-                                               for r in table_rows(cfg, source_id=sid, variant=store.ORIGINAL)]
+                                               for r in table_rows(cfg, source_id=sid, variant=tables.ORIGINAL)]
     tasks = tasks.set_column(tasks.schema.get_field_index("image"), "image",
                              pa.array([b"not a png", tasks["image"][1].as_py()], pa.binary()))
     editor = edit_stage.SemanticEditor(cfg.edit, "QwenImageEditPlusPipeline", use_gpu=False)
@@ -219,7 +222,7 @@ def test_a_missing_model_stops_before_anything_is_written(edited, tmp_path, monk
         raise AssertionError("Ray was started before the checks failed")
 
     monkeypatch.setattr(runtime, "init_ray", no_ray)
-    version = lance.dataset(store.Store(cfg.storage).images_uri).version
+    version = lance.dataset(tables.Store(cfg.storage).layout.images).version
     path = config_file(cfg, tmp_path / "c.yaml")
     assert cli.main(["edit", "--config", path, "edit.model=Qwen/Qwen-Image-Edit-2511"]) == 1
     err = capsys.readouterr().err
@@ -230,7 +233,7 @@ def test_a_missing_model_stops_before_anything_is_written(edited, tmp_path, monk
     # The pipeline checks the edit model with the others, before ingest writes a row.
     assert cli.main(["pipeline", "--config", path, "edit.model=Qwen/Qwen-Image-Edit-2511"]) == 1
     assert "hf download Qwen/Qwen-Image-Edit-2511" in capsys.readouterr().err
-    assert lance.dataset(store.Store(cfg.storage).images_uri).version == version
+    assert lance.dataset(tables.Store(cfg.storage).layout.images).version == version
 
 
 def test_bad_edit_settings_fail_before_work_naming_the_key(edited, tmp_path):
@@ -248,12 +251,12 @@ def test_bad_edit_settings_fail_before_work_naming_the_key(edited, tmp_path):
             load_config(path, [override])
     with pytest.raises(ValueError, match="one prompt per call"):
         semantic.check(cfg.edit.model_copy(update={"batch_size": 4}))
-    version = lance.dataset(store.Store(cfg.storage).images_uri).version
+    version = lance.dataset(tables.Store(cfg.storage).layout.images).version
     with pytest.raises(edit_stage.EditSettingsChanged, match=r"qwen:Add_hat:0 edits made with other \['num_inference_steps'\]"):
         edit_stage.run(cfg.model_copy(update={"edit": cfg.edit.model_copy(update={"steps": 3})}))
     with pytest.raises(ValueError, match="edit.prompts names datasets \\['other'\\]"):
         edit_stage.run(cfg.model_copy(update={"edit": cfg.edit.model_copy(update={"prompts": {"other": []}})}))
-    assert lance.dataset(store.Store(cfg.storage).images_uri).version == version
+    assert lance.dataset(tables.Store(cfg.storage).layout.images).version == version
 
 
 def test_the_default_groups_include_the_semantic_edits_of_the_dataset(tmp_path):
@@ -276,11 +279,10 @@ def studied(edited, tmp_path_factory):
     """The edited table through the study: manipulate (rotation_90) -> extract -> fit a semantic and a
     geometric linear run -> evaluate -> analyze -> recon-eval (a tiny FeatInv whose ControlNet is moved off
     its zero initialisation, so the maps steer the samples) -> report."""
-    from featmap_ray import extract
-    from featmap_ray.evaluation import recon_eval, stages
     from featmap_ray.featinv import loading
-    from featmap_ray.manipulations import stage
-    from featmap_ray.mapping import fit
+    from featmap_ray.stages import evaluate as stages
+    from featmap_ray.stages import extract, fit, recon_eval
+    from featmap_ray.stages import manipulate as stage
 
     cfg = edited.cfg
     cfg = cfg.model_copy(update={
@@ -334,12 +336,12 @@ def test_recon_eval_scores_every_reconstruction_by_the_definitions(studied):
     scikit-image and the change norm from the run's own model."""
     from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-    from featmap_ray.evaluation.stages import read_results
     from featmap_ray.mapping import data
     from featmap_ray.mapping.artefacts import load_run, runs_root
+    from featmap_ray.stages.evaluate import read_results
 
     cfg, *_, (partial, recon), report = studied
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     assert partial.written and recon.skipped == 2 and recon.failed == 0  # the second run added only the rest
     rows = read_results(cfg, "reconstructions")
     assert sorted(zip(rows["run"], rows["source_id"])) == sorted(set(zip(rows["run"], rows["source_id"])))
@@ -354,7 +356,7 @@ def test_recon_eval_scores_every_reconstruction_by_the_definitions(studied):
         assert row["change_norm"] == pytest.approx(float(np.linalg.norm(mapped - x, axis=1).mean()), rel=1e-5)
         assert (row["recon_baseline"] is not None) == (spec.manipulation == "rotation_90")
         [manip] = [imageio.decode_png_rgb(r["image"]) for r in
-                   st.rows(st.images_uri, [(row["source_id"], spec.manipulation)], ["image"]).to_pylist()]
+                   st.rows(st.layout.images, [(row["source_id"], spec.manipulation)], ["image"]).to_pylist()]
         mapped_img = np.asarray(Image.fromarray(imageio.decode_png_rgb(row["recon_mapped"])).resize(
             (manip.shape[1], manip.shape[0]), Image.BICUBIC))
         assert row["manip_vs_mapped_mse"] == pytest.approx(mean_squared_error(manip, mapped_img))
@@ -369,7 +371,7 @@ def test_recon_eval_scores_every_reconstruction_by_the_definitions(studied):
 
 
 def test_recon_eval_refuses_runs_it_cannot_reconstruct(studied):
-    from featmap_ray.evaluation import recon_eval
+    from featmap_ray.stages import recon_eval
 
     cfg = studied[0]
 
@@ -388,7 +390,7 @@ def test_recon_eval_refuses_runs_it_cannot_reconstruct(studied):
 
 
 def test_recon_eval_turns_non_finite_maps_into_failure_rows(studied, single_torch_thread):
-    from featmap_ray.evaluation import recon_eval
+    from featmap_ray.stages import recon_eval
 
     cfg = studied[0]
     runs = recon_eval.plan(cfg)

@@ -15,8 +15,8 @@ import torch
 
 from featmap_ray.featinv.convert import CheckpointMismatch, import_ldm_checkpoint
 from featmap_ray.featinv.loading import build_featinv, load_base_components, load_featinv, tiny_base_components
-from featmap_ray.featinv.pipeline import FeatInvPipeline
 from featmap_ray.featinv.model import FeatInvControlNetModel, ddim_scheduler
+from featmap_ray.featinv.pipeline import FeatInvPipeline
 
 LAYERS = 1  # layers_per_block of the tiny UNet
 BASE = {"image_size": 16, "num_heads": 4, "text_num_heads": 4}  # what the weights cannot tell

@@ -14,7 +14,7 @@ def test_reconstruction_rows_store_the_lower_median_cosine():
 
     from PIL import Image
 
-    from featmap_ray.featinv import reconstruct
+    from featmap_ray.stages import reconstruct
 
     cosines = np.array([[0.9, -0.2, 0.5, 0.1, 0.7, 0.3],  # sorted: -0.2 0.1 0.3 | 0.5 0.7 0.9
                         [0.0, 0.8, -0.6, 0.4, 0.2, 0.6]])  # sorted: -0.6 0.0 0.2 | 0.4 0.6 0.8

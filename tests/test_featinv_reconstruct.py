@@ -14,9 +14,11 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from featmap_ray import cli, extract, ingest, store, tracking
-from featmap_ray.featinv import loading, reconstruct
+from featmap_ray import cli
+from featmap_ray.featinv import loading
 from featmap_ray.featinv.pipeline import seeded_generators
+from featmap_ray.io import tables, tracking
+from featmap_ray.stages import extract, ingest, reconstruct
 from tests.conftest import TINY_BACKBONES, make_config, write_image
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -42,7 +44,7 @@ def reconstructed(extracted):
 
 
 def _table(cfg) -> list[dict]:
-    uri = store.Store(cfg.storage).reconstructions_uri("convnext_base", "stage3")
+    uri = tables.Store(cfg.storage).layout.reconstructions("convnext_base", "stage3")
     return lance.dataset(uri).to_table().to_pylist()
 
 
@@ -61,11 +63,11 @@ SOURCE_VIEW = T.Compose([T.Resize(288), T.CenterCrop(288), NORMALISE])  # what `
 
 def test_reconstruct_writes_every_key_and_seed_with_metrics_and_resumes(reconstructed):
     cfg, report = reconstructed
-    st = store.Store(cfg.storage)
-    uri = st.reconstructions_uri("convnext_base", "stage3")
+    st = tables.Store(cfg.storage)
+    uri = st.layout.reconstructions("convnext_base", "stage3")
     assert report.written == {uri: 12} and report.skipped == 0 and report.failed == 0
     rows = _table(cfg)
-    originals = st.keys(st.images_uri, filter="variant = 'original'")
+    originals = st.keys(st.layout.images, filter="variant = 'original'")
     assert {(r["source_id"], r["variant"], r["generator"], r["seed"]) for r in rows} == {
         (sid, variant, "extracted", seed) for sid, variant in originals for seed in (100, 101)}
     for r in rows:
@@ -78,11 +80,11 @@ def test_reconstruct_writes_every_key_and_seed_with_metrics_and_resumes(reconstr
 
     # per-row metrics against an independent computation on one row
     row = min(rows, key=lambda r: (r["source_id"], r["seed"]))
-    source_map = store.tensor_numpy(lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(
+    source_map = tables.tensor_numpy(lance.dataset(st.layout.features("convnext_base", "stage3")).to_table(
         filter=f"source_id = '{row['source_id']}' AND variant = 'original'")["feature"])[0].astype(np.float32)
     model = _reference_model()
     recon = RECONSTRUCTION_VIEW(Image.open(io.BytesIO(row["image"])).convert("RGB"))[None]
-    png = lance.dataset(st.images_uri).to_table(
+    png = lance.dataset(st.layout.images).to_table(
         filter=f"source_id = '{row['source_id']}' AND variant = 'original'")["image"][0].as_py()
     with torch.no_grad():
         recon_map = model.forward_features(recon)[0].numpy()
@@ -114,15 +116,15 @@ def test_reconstruct_writes_every_key_and_seed_with_metrics_and_resumes(reconstr
 
 def test_bad_feature_maps_become_error_rows_and_the_rest_is_written(reconstructed):
     cfg = reconstructed[0]
-    st = store.Store(cfg.storage)
-    table = lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(filter="variant = 'original'").slice(0, 4)
+    st = tables.Store(cfg.storage)
+    table = lance.dataset(st.layout.features("convnext_base", "stage3")).to_table(filter="variant = 'original'").slice(0, 4)
     features = table.to_pylist()
-    maps = list(store.tensor_numpy(table["feature"]).astype(np.float32))
+    maps = list(tables.tensor_numpy(table["feature"]).astype(np.float32))
     maps[1][3, 2, 2] = np.nan
     maps[2] = maps[2][:32]  # wrong channel count
     items = [{**{k: r[k] for k in reconstruct.LABELS}, "feature": f} for r, f in zip(features, maps)]
     report = reconstruct.reconstruct_dataset(cfg, ray.data.from_items(items), "mapped:test")
-    uri = st.reconstructions_uri("convnext_base", "stage3")
+    uri = st.layout.reconstructions("convnext_base", "stage3")
     assert report.written == {uri: 4} and report.failed == 2  # failures count maps, not seeds
     written = {(r["source_id"], r["seed"]) for r in _table(cfg) if r["generator"] == "mapped:test"}
     assert written == {(features[i]["source_id"], seed) for i in (0, 3) for seed in (100, 101)}
@@ -190,8 +192,8 @@ def test_featmap_reconstruct_with_a_model_uri_samples_what_the_folder_does(extra
     config = tmp_path / "c.yaml"
     config.write_text(cfg.dump())
     assert cli.main(["reconstruct", "--config", str(config), "featinv.controlnet=models:/featinv-test/1"]) == 0
-    st = store.Store(cfg.storage)
-    uri = st.reconstructions_uri("convnext_base", "stage3")
+    st = tables.Store(cfg.storage)
+    uri = st.layout.reconstructions("convnext_base", "stage3")
     table = lance.dataset(uri)
     made_with = json.loads(table.schema.metadata[b"featmap"])
     assert made_with["controlnet"] == f"models:/featinv-test/1 (MLflow run {run_id})"
@@ -200,8 +202,8 @@ def test_featmap_reconstruct_with_a_model_uri_samples_what_the_folder_does(extra
     # The same maps through the folder's pipeline in this process: other batches, equal to float32
     # rounding, so a pixel may round the other way.
     pipe = loading.featinv_pipeline(cfg, str(folder))
-    features = lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(filter="variant = 'original'")
-    maps = dict(zip(features["source_id"].to_pylist(), store.tensor_numpy(features["feature"]), strict=True))
+    features = lance.dataset(st.layout.features("convnext_base", "stage3")).to_table(filter="variant = 'original'")
+    maps = dict(zip(features["source_id"].to_pylist(), tables.tensor_numpy(features["feature"]), strict=True))
     for row in rows:
         feature = torch.from_numpy(maps[row["source_id"]].astype(np.float32))[None]
         [expected] = pipe(feature, seeded_generators([row["seed"]]), num_inference_steps=2).images

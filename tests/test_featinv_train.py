@@ -11,9 +11,11 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from featmap_ray import extract, ingest, store, tracking
 from featmap_ray.config import BackboneRequest
-from featmap_ray.featinv import loading, metrics, train
+from featmap_ray.featinv import loading, metrics
+from featmap_ray.io import tables, tracking
+from featmap_ray.stages import extract, ingest
+from featmap_ray.stages import featinv_train as train
 from tests.conftest import TINY_BACKBONES, make_config, tiny_backbone, write_image
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -52,7 +54,7 @@ NORMALISE = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 
 
 def _eval_batch(cfg):
     """Every stored image as (pixels in [-1, 1] at the model's 16×16, ConvNeXt final map of the 288 view)."""
-    pngs = lance.dataset(store.Store(cfg.storage).images_uri).to_table(columns=["image"])["image"].to_pylist()
+    pngs = lance.dataset(tables.Store(cfg.storage).layout.images).to_table(columns=["image"])["image"].to_pylist()
     views = [VIEW(Image.open(io.BytesIO(png)).convert("RGB")) for png in pngs]
     with torch.no_grad():
         features = _reference_backbone().forward_features(torch.stack([NORMALISE(v) for v in views]))
@@ -98,10 +100,10 @@ def test_conditioning_flips_the_view_and_its_feature_map_together():
 def test_table_mode_pairs_each_stored_map_with_the_view_of_its_image(ingested):
     cfg = _config(ingested.storage, ingested.dataset.root, features_source="table")
     rows = train.training_dataset(cfg).take_all()
-    st = store.Store(cfg.storage)
-    features = lance.dataset(st.features_uri("convnext_base", "stage3")).to_table()
-    stored = dict(zip(features["source_id"].to_pylist(), store.tensor_numpy(features["feature"]), strict=True))
-    images = {r["source_id"]: r["image"] for r in lance.dataset(st.images_uri).to_table().to_pylist()}
+    st = tables.Store(cfg.storage)
+    features = lance.dataset(st.layout.features("convnext_base", "stage3")).to_table()
+    stored = dict(zip(features["source_id"].to_pylist(), tables.tensor_numpy(features["feature"]), strict=True))
+    images = {r["source_id"]: r["image"] for r in lance.dataset(st.layout.images).to_table().to_pylist()}
     assert len(rows) == len(stored) == 6
     for row in rows:
         [sid] = [s for s, f in stored.items() if np.array_equal(f, row["feature"])]

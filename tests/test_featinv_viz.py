@@ -15,11 +15,13 @@ import yaml
 from PIL import Image
 from safetensors.numpy import save_file
 
-from featmap_ray import cli, extract, ingest, runtime, store, tracking
+from featmap_ray import cli, runtime
 from featmap_ray.cosine import median_cosine
 from featmap_ray.featinv import loading, viz
 from featmap_ray.featinv.metrics import BackboneProbe
 from featmap_ray.featinv.pipeline import seeded_generators
+from featmap_ray.io import tables, tracking
+from featmap_ray.stages import extract, ingest
 from tests.conftest import make_config, write_image
 
 C = 12
@@ -232,8 +234,8 @@ def test_featinv_viz_command_writes_the_experiments(viz_setup, capsys):
     interp = pd.read_csv(f"{folder}/interpolation.csv")
     assert sorted(set(interp["alpha"])) == [0, 0.5, 1] and len(interp) == 6
     b = results["composition"]["b"]
-    st = store.Store(cfg.storage)
-    phi_b = store.tensor_numpy(st.rows(st.features_uri("convnext_base", "stage3"), [(b, "original")],
+    st = tables.Store(cfg.storage)
+    phi_b = tables.tensor_numpy(st.rows(st.layout.features("convnext_base", "stage3"), [(b, "original")],
                                        ["feature"])["feature"]).astype(np.float32)
     image = np.array(Image.open(f"{folder}/interpolation/alpha1_seed100.png"))
     seen = BackboneProbe(cfg.extract.backbones[0], "stage3").features(torch.from_numpy(image[None]))

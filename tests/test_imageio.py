@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 from torchvision import transforms as T
 
-from featmap_ray.imageio import (
+from featmap_ray.io.imageio import (
     ImageDecodeError,
     _to_rgb,
     center_crop,
@@ -27,10 +27,10 @@ from tests.image_corpus import (
     FRAME_COLOURS,
     GOOD_SIZES,
     encode,
-    patch_png_size,
     exif_upright,
     gradient_rgb,
     gray16_ramp,
+    patch_png_size,
     rgb16_values,
     webp_supported,
     write_corpus,

@@ -6,8 +6,9 @@ import pytest
 import torchvision.transforms as T
 from PIL import Image
 
-from featmap_ray import ingest, store
 from featmap_ray.config import DatasetConfig
+from featmap_ray.io import tables
+from featmap_ray.stages import ingest
 from tests.conftest import make_config, write_image
 from tests.image_corpus import write_corpus
 
@@ -85,10 +86,10 @@ def test_ingest_keeps_good_images_records_bad_ones_and_resumes(tmp_path):
     summary = ingest.run(cfg)
     good = sorted(k for k, reason in expected.items() if reason is None)
     bad = {k: reason for k, reason in expected.items() if reason is not None}
-    st = store.Store(cfg.storage)
-    images = lance.dataset(st.images_uri).to_table().to_pylist()
+    st = tables.Store(cfg.storage)
+    images = lance.dataset(st.layout.images).to_table().to_pylist()
     assert sorted(r["source_path"].split("/junk/")[1] for r in images) == good
-    assert summary.written[st.images_uri] == len(good) and summary.failed == len(bad)
+    assert summary.written[st.layout.images] == len(good) and summary.failed == len(bad)
     for r in images:
         img = Image.open(io.BytesIO(r["image"]))
         assert img.mode == "RGB" and img.size == (32, 32)
@@ -97,6 +98,6 @@ def test_ingest_keeps_good_images_records_bad_ones_and_resumes(tmp_path):
     assert all(k in r["message"] for k, r in errors.items())  # the message names the file
 
     again = ingest.run(cfg)  # resume: nothing new, failures not duplicated
-    assert again.written[st.images_uri] == 0 and again.skipped == len(good)
-    assert lance.dataset(st.images_uri).count_rows() == len(good)
+    assert again.written[st.layout.images] == 0 and again.skipped == len(good)
+    assert lance.dataset(st.layout.images).count_rows() == len(good)
     assert st.errors("ingest").num_rows == len(bad)

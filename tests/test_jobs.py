@@ -9,7 +9,8 @@ import time
 import lance
 import pytest
 
-from tests.ray_cluster import ray_head as start_ray_head, submit
+from tests.ray_cluster import ray_head as start_ray_head
+from tests.ray_cluster import submit
 
 TINY_CONVNEXT = ("[{name: convnext_base, layers: [stage3], pretrained: false, "
                  "model_kwargs: {depths: [1,1,1,1], dims: [8,16,32,64]}}]")

@@ -12,10 +12,10 @@ from featmap_ray.manipulations.direct import (
     OPS,
     PAPER_MASKS,
     Manipulation,
-    derive_seed,
     expand,
     register,
 )
+from featmap_ray.seeding import derive_seed
 
 SIZE = 288
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from featmap_ray import store
 from featmap_ray.config import MappingTraining
 from featmap_ray.cosine import median_cosine
+from featmap_ray.io import tables
 from featmap_ray.mapping import data, loop
 from featmap_ray.mapping import synthetic as mt
 from featmap_ray.mapping.grid import RunSpec
@@ -36,7 +36,7 @@ def spec(model: str, hparams: dict | None = None, loss: dict | None = None, mani
 def pairs(tmp_path_factory, single_torch_thread):
     root = tmp_path_factory.mktemp("loop")
     mt.write_tables(str(root), shape=SHAPE, n_train=40, n_test=4)
-    loaded = data.load_pairs(store.Store(str(root)), dataset="t", backbone=mt.BACKBONE, layer=mt.LAYER,
+    loaded = data.load_pairs(tables.Store(str(root)), dataset="t", backbone=mt.BACKBONE, layer=mt.LAYER,
                              manipulation="hue_shift_60", split="train")
     return data.train_val_split(loaded, 0.2, seed=0)
 
@@ -108,7 +108,7 @@ def test_a_failing_model_does_not_stop_the_others(pairs):
 
 def test_non_finite_data_fails_the_group_naming_the_image(tmp_path, single_torch_thread):
     mt.write_tables(str(tmp_path), shape=SHAPE, n_train=12, n_test=2, nan_key=("t0005", "hue_shift_60"))
-    loaded = data.load_pairs(store.Store(str(tmp_path)), dataset="t", backbone=mt.BACKBONE, layer=mt.LAYER,
+    loaded = data.load_pairs(tables.Store(str(tmp_path)), dataset="t", backbone=mt.BACKBONE, layer=mt.LAYER,
                              manipulation="hue_shift_60", split="train")
     group = members([spec("linear"), spec("ridge")], MappingTraining(max_epochs=2, batch_size=4))
     loop.fit_group(group, *loaders(data.train_val_split(loaded, 0.2, 0), batch_size=4), CPU)

@@ -47,7 +47,7 @@ def study_config(storage: Path, **mapping) -> Config:
 
 @pytest.fixture(scope="module")
 def fitted_study(tmp_path_factory, ray_session):
-    from featmap_ray.mapping import fit
+    from featmap_ray.stages import fit
 
     storage = tmp_path_factory.mktemp("study")
     mt.write_tables(str(storage), shape=SHAPE)
@@ -59,15 +59,15 @@ def fitted_study(tmp_path_factory, ray_session):
 def _mlflow_runs(cfg):
     import mlflow
 
-    from featmap_ray import tracking
+    from featmap_ray.io import tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
     return mlflow.search_runs(experiment_names=[cfg.mlflow.experiment])
 
 
 def test_grid_fits_every_run_and_ridge_recovers_the_affine_map(fitted_study):
-    from featmap_ray.evaluation.stages import raw_affine
     from featmap_ray.mapping.artefacts import finished_runs, load_run
+    from featmap_ray.stages.evaluate import raw_affine
 
     cfg, summary = fitted_study
     assert summary.failed == {} and len(summary.fitted) == 3
@@ -86,7 +86,7 @@ def test_grid_fits_every_run_and_ridge_recovers_the_affine_map(fitted_study):
     history = runs["linear"][2]["history"]
     assert history[-1]["val_loss"] < 0.2 * history[0]["val_loss"]
     # The training means a rank-k truncation falls back to: the raw means of the training pairs.
-    from featmap_ray.mapping import train
+    from featmap_ray.stages import mapping_train as train
 
     model, spec, info = runs["ridge"]
     plan = train.plan_group(cfg, [spec])
@@ -97,7 +97,7 @@ def test_grid_fits_every_run_and_ridge_recovers_the_affine_map(fitted_study):
 
 
 def test_rerun_skips_finished_runs(fitted_study):
-    from featmap_ray.mapping import fit
+    from featmap_ray.stages import fit
 
     cfg, _ = fitted_study
     again = fit.run_study(cfg)
@@ -107,7 +107,7 @@ def test_rerun_skips_finished_runs(fitted_study):
 def test_mlflow_records_nested_runs_with_tags_metrics_and_artefacts(fitted_study):
     from mlflow import MlflowClient
 
-    from featmap_ray import tracking
+    from featmap_ray.io import tracking
 
     cfg, _ = fitted_study
     runs = _mlflow_runs(cfg)
@@ -134,7 +134,7 @@ def test_mlflow_records_nested_runs_with_tags_metrics_and_artefacts(fitted_study
 
 
 def test_evaluate_scores_runs_and_baselines(fitted_study):
-    from featmap_ray.evaluation import stages
+    from featmap_ray.stages import evaluate as stages
 
     cfg, _ = fitted_study
     frame = stages.run_evaluate(cfg).set_index(["manipulation", "model", "group"])
@@ -151,7 +151,7 @@ def test_evaluate_scores_runs_and_baselines(fitted_study):
 
 
 def test_analyze_and_report(fitted_study):
-    from featmap_ray.evaluation import stages
+    from featmap_ray.stages import evaluate as stages
 
     cfg, _ = fitted_study
     frames = stages.run_analyze(cfg)
@@ -176,7 +176,7 @@ def test_analyze_and_report(fitted_study):
     # Every stage has its run under the study's run, with the tables it read as inputs.
     from mlflow import MlflowClient
 
-    from featmap_ray import tracking
+    from featmap_ray.io import tracking
 
     client = MlflowClient(tracking.tracking_uri(cfg))
     runs = _mlflow_runs(cfg).set_index("tags.mlflow.runName")
@@ -191,7 +191,7 @@ def test_analyze_and_report(fitted_study):
 
 
 def test_bad_requests_fail_before_any_work(tmp_path, ray_session):
-    from featmap_ray.mapping import fit
+    from featmap_ray.stages import fit
 
     mt.write_tables(str(tmp_path), shape=SHAPE, n_train=4, n_test=2)
     bad = [
@@ -209,8 +209,8 @@ def test_bad_requests_fail_before_any_work(tmp_path, ray_session):
 
 @pytest.mark.slow
 def test_sweep_keeps_the_best_trial(tmp_path, ray_session):
-    from featmap_ray.mapping import sweep
     from featmap_ray.mapping.artefacts import load_run
+    from featmap_ray.stages import sweep
 
     mt.write_tables(str(tmp_path), shape=SHAPE, n_train=24, n_test=4)
     cfg = study_config(tmp_path, sweep={"model": "mlp", "manipulation": "hue_shift_60", "num_samples": 1,
@@ -281,8 +281,10 @@ def test_a_killed_train_worker_restarts_within_the_command(tmp_path, ray_session
 
     import torch
 
-    from featmap_ray.mapping import fit, loop, train
+    from featmap_ray.mapping import loop
     from featmap_ray.mapping.artefacts import finished_runs, load_run
+    from featmap_ray.stages import fit
+    from featmap_ray.stages import mapping_train as train
 
     mt.write_tables(str(tmp_path), shape=SHAPE, n_train=96, n_test=4)
     cfg = study_config(tmp_path, datasets={"t": {"g": {"manipulations": ["hue_shift_60"], "models": ["mlp"]}}},
@@ -336,8 +338,8 @@ def data_loader(pairs, training, shuffle=False):
 def test_a_changed_setting_trains_a_new_model_from_scratch(tmp_path, ray_session):
     """The digest covers every setting that shapes a model: a changed family hyper-parameter re-trains
     that run only, a changed training setting every run it applies to, `refit` every run."""
-    from featmap_ray.mapping import fit
     from featmap_ray.mapping.artefacts import finished_runs, load_run
+    from featmap_ray.stages import fit
 
     mt.write_tables(str(tmp_path), shape=SHAPE, n_train=24, n_test=4)
     base = {"datasets": {"t": {"g": {"manipulations": ["hue_shift_60"], "models": ["linear", "ridge"]}}},
@@ -377,9 +379,9 @@ def test_mapped_features_of_a_run_feed_reconstruction(fitted_study):
     import pyarrow as pa
     import ray
 
-    from featmap_ray import store
-    from featmap_ray.mapping.apply import mapped_features
+    from featmap_ray.io import tables
     from featmap_ray.mapping.artefacts import finished_runs, load_run
+    from featmap_ray.stages.mapped import mapped_features
 
     cfg, _ = fitted_study
     ridge = next(d for d in finished_runs(cfg) if load_run(d)[1].model == "ridge")
@@ -389,7 +391,7 @@ def test_mapped_features_of_a_run_feed_reconstruction(fitted_study):
     x, y = mt.read_pairs(cfg.storage, "hue_shift_60", split="test")
     model = load_run(ridge)[0]
     expected = model(x.float()).detach().numpy()
-    np.testing.assert_allclose(store.tensor_numpy(table["feature"]), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tables.tensor_numpy(table["feature"]), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(expected, y.numpy(), atol=1e-2)  # and it is the true edit
     with pytest.raises(FileNotFoundError, match="no finished mapping run"):
         mapped_features(cfg, "nope")
@@ -401,8 +403,10 @@ def test_two_workers_sum_their_shards(tmp_path, ray_session, single_torch_thread
     and validation sums are reduced across them, so a ridge map equals the one-process fit on all pairs."""
     import torch
 
-    from featmap_ray.mapping import fit, loop, train
+    from featmap_ray.mapping import loop
     from featmap_ray.mapping.artefacts import finished_runs, load_run
+    from featmap_ray.stages import fit
+    from featmap_ray.stages import mapping_train as train
 
     mt.write_tables(str(tmp_path), shape=SHAPE, n_train=40, n_test=4)
     cfg = study_config(tmp_path, datasets={"t": {"g": {"manipulations": ["hue_shift_60"], "models": ["ridge", "linear"]}}},
@@ -427,7 +431,7 @@ def test_two_workers_sum_their_shards(tmp_path, ray_session, single_torch_thread
 
 
 def test_group_drivers_ask_for_the_configured_resources(tmp_path):
-    from featmap_ray.mapping import fit
+    from featmap_ray.stages import fit
 
     cfg = study_config(tmp_path, resources={"driver_cpus": 0.25, "driver_resources": {"head": 0.01}})
     assert fit.trial_resources(cfg) == {"cpu": 0.25, "head": 0.01}

@@ -9,8 +9,9 @@ import lance
 import pytest
 import yaml
 
-from featmap_ray import cli, store
-from featmap_ray.storage import Location
+from featmap_ray import cli
+from featmap_ray.io import tables
+from featmap_ray.io.files import Location
 from tests.conftest import tiny_backbone, write_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -69,14 +70,14 @@ def test_every_stage_succeeds(bucket_study):
 
 def test_tables_are_in_the_bucket(bucket_study):
     root, _, _ = bucket_study
-    st = store.Store(str(root))
-    images = lance.dataset(st.images_uri).to_table(columns=["variant"])
+    st = tables.Store(str(root))
+    images = lance.dataset(st.layout.images).to_table(columns=["variant"])
     assert images.num_rows == 16 and set(images["variant"].to_pylist()) == {"original", "rotation_90"}
-    assert lance.dataset(st.features_uri("convnext_base", "stage3")).count_rows() == 16
+    assert lance.dataset(st.layout.features("convnext_base", "stage3")).count_rows() == 16
     # every original (featinv.sampling: all splits, variant "original", one seed)
-    assert lance.dataset(st.reconstructions_uri("convnext_base", "stage3")).count_rows() == 8
+    assert lance.dataset(st.layout.reconstructions("convnext_base", "stage3")).count_rows() == 8
     for name in ("evaluations", "svd", "truncation"):
-        assert lance.dataset(st.uri("results", STUDY, name)).count_rows() > 0, name
+        assert lance.dataset(st.layout.results(STUDY, name)).count_rows() > 0, name
 
 
 def test_files_are_in_the_bucket(bucket_study):

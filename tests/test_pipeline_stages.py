@@ -12,9 +12,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from featmap_ray import extract, ingest, store
-from featmap_ray.manipulations import stage as manipulate
-from featmap_ray.manipulations.direct import derive_seed
+from featmap_ray.io import tables
+from featmap_ray.seeding import derive_seed
+from featmap_ray.stages import extract, ingest, manipulate
 from tests.conftest import TINY_BACKBONES, make_config, tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -25,7 +25,7 @@ def _pixels(png: bytes) -> np.ndarray:
 
 
 def _images(cfg) -> dict[tuple[str, str], dict]:
-    rows = lance.dataset(store.Store(cfg.storage).images_uri).to_table().to_pylist()
+    rows = lance.dataset(tables.Store(cfg.storage).layout.images).to_table().to_pylist()
     return {(r["source_id"], r["variant"]): r for r in rows}
 
 
@@ -40,7 +40,7 @@ def test_manipulate_writes_every_variant_with_reference_semantics(ingested):
     summary = manipulate.run(ingested)
     rows = _images(ingested)
     originals = [k for k in rows if k[1] == "original"]
-    assert summary.written[store.Store(ingested.storage).images_uri] == 2 * len(originals) == 16
+    assert summary.written[tables.Store(ingested.storage).layout.images] == 2 * len(originals) == 16
     for sid, _ in originals:
         orig = _pixels(rows[sid, "original"]["image"])
         np.testing.assert_array_equal(_pixels(rows[sid, "rotation_90"]["image"]), np.rot90(orig, k=1))
@@ -63,12 +63,12 @@ def test_manipulate_is_independent_of_batching_and_resumes(ingested, tmp_path):
     manipulate.run(other)
     assert {k: r["image"] for k, r in _images(other).items()} == first
     # lose some variants (as if the job had died before committing them), then run again
-    ds = lance.dataset(store.Store(ingested.storage).images_uri)
+    ds = lance.dataset(tables.Store(ingested.storage).layout.images)
     ds.delete("variant = 'noise_40' AND class_idx = 0")
     summary = manipulate.run(ingested)
-    assert summary.written[store.Store(ingested.storage).images_uri] == 4 and summary.skipped == 12
+    assert summary.written[tables.Store(ingested.storage).layout.images] == 4 and summary.skipped == 12
     again = _images(ingested)
-    assert len(again) == lance.dataset(store.Store(ingested.storage).images_uri).count_rows() == 24
+    assert len(again) == lance.dataset(tables.Store(ingested.storage).layout.images).count_rows() == 24
     assert {k: r["image"] for k, r in again.items()} == first
 
 
@@ -108,7 +108,7 @@ FAMILIES = {  # backbone -> (layers checked, input size)
 def _stored_feature(uri: str, key: tuple[str, str]) -> np.ndarray:
     table = lance.dataset(uri).to_table(filter=f"source_id = '{key[0]}' AND variant = '{key[1]}'")
     assert table.num_rows == 1
-    return store.tensor_numpy(table["feature"])[0].astype(np.float32)
+    return tables.tensor_numpy(table["feature"])[0].astype(np.float32)
 
 
 def test_extract_matches_a_direct_timm_forward_for_every_family(ingested):
@@ -117,20 +117,20 @@ def test_extract_matches_a_direct_timm_forward_for_every_family(ingested):
     ingested.extract.backbones = [BackboneRequest(**tiny_backbone(n, layers=layers)) for n, (layers, _) in FAMILIES.items()]
     summaries = extract.run(ingested)
     assert [s.failed for s in summaries] == [0, 0, 0, 0]
-    st = store.Store(ingested.storage)
+    st = tables.Store(ingested.storage)
     images = _images(ingested)
     key = sorted(images)[0]
     for name, (layers, size) in FAMILIES.items():
         reference = _reference_features(name, images[key]["image"], size, TINY_BACKBONES[name])
         for layer in layers:
-            table = lance.dataset(st.features_uri(name, layer)).to_table(columns=["source_id", "variant", "feature"])
+            table = lance.dataset(st.layout.features(name, layer)).to_table(columns=["source_id", "variant", "feature"])
             assert table.num_rows == len(images)
             assert set(zip(table["source_id"].to_pylist(), table["variant"].to_pylist())) == set(images)
             feature_type = table.schema.field("feature").type
             assert feature_type.value_type == "halffloat" and feature_type.shape == list(reference[layer].shape[1:])
-            meta = json.loads(lance.dataset(st.features_uri(name, layer)).schema.metadata[b"featmap"])
+            meta = json.loads(lance.dataset(st.layout.features(name, layer)).schema.metadata[b"featmap"])
             assert (meta["backbone"], meta["layer"], meta["layout"]) == (name, layer, "CHW")
-            stored, ref = _stored_feature(st.features_uri(name, layer), key), reference[layer][0].numpy()
+            stored, ref = _stored_feature(st.layout.features(name, layer), key), reference[layer][0].numpy()
             cos = float((stored * ref).sum() / (np.linalg.norm(stored) * np.linalg.norm(ref)))
             assert cos >= 0.999, (name, layer, cos)
 
@@ -138,7 +138,7 @@ def test_extract_matches_a_direct_timm_forward_for_every_family(ingested):
 def test_extractor_udfs_turn_corrupt_images_nan_maps_and_failed_forwards_into_failure_rows(ingested):
     from featmap_ray.config import BackboneRequest
 
-    rows = lance.dataset(store.Store(ingested.storage).images_uri).to_table(
+    rows = lance.dataset(tables.Store(ingested.storage).layout.images).to_table(
         columns=["source_id", "variant", "split", "class_idx", "image"]).slice(0, 3)
     rows = rows.set_column(4, "image", pa.array([rows["image"][0].as_py(), b"junk", rows["image"][2].as_py()]))
     batch = extract.preprocess_batch(rows, 288, frozenset(extract_keys(rows)))

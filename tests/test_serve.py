@@ -33,9 +33,11 @@ from ray import serve
 from safetensors.numpy import save as save_safetensors
 from safetensors.torch import load_file
 
-from featmap_ray import cli, extract, ingest, store, tracking
+from featmap_ray import cli
+from featmap_ray.io import tables, tracking
 from featmap_ray.mapping import artefacts, grid
 from featmap_ray.serve import deployments, models
+from featmap_ray.stages import extract, ingest
 from tests.conftest import TINY_BACKBONES, make_config, write_image
 from tests.ray_cluster import BIN, REPO, clean_env, free_ports
 
@@ -241,12 +243,12 @@ def test_an_uploaded_feature_map_as_npy_or_safetensors(service):
 
 def test_a_stored_sample_uses_the_stored_map_and_image(service):
     cfg = service["cfg"]
-    st = store.Store(cfg.storage)
-    row = lance.dataset(st.features_uri("convnext_base", "stage3")).to_table(
+    st = tables.Store(cfg.storage)
+    row = lance.dataset(st.layout.features("convnext_base", "stage3")).to_table(
         filter="variant = 'original'").slice(0, 1)
     source_id = row["source_id"][0].as_py()
-    stored_map = store.tensor_numpy(row["feature"])[0].astype(np.float32)
-    png = st.rows(st.images_uri, [(source_id, "original")], ["image"])["image"][0].as_py()
+    stored_map = tables.tensor_numpy(row["feature"])[0].astype(np.float32)
+    png = st.rows(st.layout.images, [(source_id, "original")], ["image"])["image"][0].as_py()
     response = _post(service, "/reconstruct/sample", {"source_id": source_id, "variant": "original"})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -427,7 +429,12 @@ def test_featmap_serve_prints_its_urls_serves_and_stops_on_sigterm(tmp_path):
 # The web page in headless Chromium, against this module's application (tests/serve_page.py): collected
 # here so that the application starts once.
 from tests.serve_page import (  # noqa: E402, F401
-    browser, page, test_a_dropped_file_is_what_run_sends, test_a_stored_sample_by_its_source_id,
+    browser,
+    page,
+    test_a_dropped_file_is_what_run_sends,
+    test_a_stored_sample_by_its_source_id,
     test_an_upload_shows_the_original_the_backbones_view_and_the_reconstructions,
-    test_bad_input_shows_a_readable_message, test_the_mapped_tab_reconstructs_an_upload_after_a_mapping_run)
+    test_bad_input_shows_a_readable_message,
+    test_the_mapped_tab_reconstructs_an_upload_after_a_mapping_run,
+)
 

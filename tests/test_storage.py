@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from featmap_ray import store
-from featmap_ray.storage import Location, is_remote
+from featmap_ray.io import tables
+from featmap_ray.io.files import Location, is_remote
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -118,14 +118,14 @@ def test_a_mapping_run_published_to_the_store_loads_with_the_same_weights(root):
 # -- concurrent writers -----------------------------------------------------------------------------
 
 KEYS = [(f"s{i:03d}", v) for i in range(40) for v in ("original", "rotation_90")]
-SCHEMA = store.feature_schema((2, 2, 2), "float16", {})
+SCHEMA = tables.feature_schema((2, 2, 2), "float16", {})
 
 
 def _rows(writer: int, keys) -> pa.Table:
     values = np.full((len(keys), 2, 2, 2), writer, np.float16)
     return pa.table({"source_id": [k[0] for k in keys], "variant": [k[1] for k in keys],
                      "split": ["train"] * len(keys), "class_idx": pa.array([0] * len(keys), pa.int32()),
-                     "feature": store.tensor_array(values)}).cast(SCHEMA)
+                     "feature": tables.tensor_array(values)}).cast(SCHEMA)
 
 
 def _write(uri: str, writer: int, barrier, env: dict) -> None:
@@ -133,14 +133,14 @@ def _write(uri: str, writer: int, barrier, env: dict) -> None:
     order = list(KEYS) if writer % 2 == 0 else list(reversed(KEYS))  # overlapping, in other orders
     barrier.wait()  # all writers start together
     for start in range(0, len(order), 10):
-        store.commit_new_rows(uri, _rows(writer, order[start:start + 10]))
+        tables.commit_new_rows(uri, _rows(writer, order[start:start + 10]))
 
 
 def test_concurrent_writers_of_overlapping_keys_leave_exactly_one_row_per_key(root):
     import lance
 
     uri = str(root / "features.lance")
-    store.ensure_table(uri, SCHEMA)
+    tables.ensure_table(uri, SCHEMA)
     ctx = multiprocessing.get_context("spawn")  # Lance is not fork-safe; separate processes, like two jobs
     barrier = ctx.Barrier(4)
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
@@ -154,7 +154,7 @@ def test_concurrent_writers_of_overlapping_keys_leave_exactly_one_row_per_key(ro
     keys = list(zip(table["source_id"].to_pylist(), table["variant"].to_pylist(), strict=True))
     assert len(keys) == len(KEYS) and set(keys) == set(KEYS)
     # Each row is whole: one writer's values throughout.
-    values = store.tensor_numpy(table["feature"]).reshape(len(keys), -1)
+    values = tables.tensor_numpy(table["feature"]).reshape(len(keys), -1)
     assert (values == values[:, :1]).all()
 
 
@@ -164,7 +164,7 @@ def test_a_table_created_without_primary_key_metadata_gets_it(tmp_path):
     uri = str(tmp_path / "old.lance")
     plain = pa.schema([pa.field(f.name, f.type, f.nullable) for f in SCHEMA])  # as older versions wrote it
     lance.write_dataset(plain.empty_table(), uri, schema=plain)
-    store.ensure_table(uri, SCHEMA)
+    tables.ensure_table(uri, SCHEMA)
     fields = lance.dataset(uri).schema
-    assert all(fields.field(k).metadata.get(b"lance-schema:unenforced-primary-key") == b"true" for k in store.KEY)
-    assert store.commit_new_rows(uri, _rows(0, KEYS[:4])) == 4 and store.commit_new_rows(uri, _rows(1, KEYS[:6])) == 2
+    assert all(fields.field(k).metadata.get(b"lance-schema:unenforced-primary-key") == b"true" for k in tables.KEY)
+    assert tables.commit_new_rows(uri, _rows(0, KEYS[:4])) == 4 and tables.commit_new_rows(uri, _rows(1, KEYS[:6])) == 2

@@ -6,14 +6,15 @@ import pyarrow as pa
 import pytest
 import ray.data
 
-from featmap_ray import store
+from featmap_ray.io import tables
+from featmap_ray.stages import base
 
 
 def _feature_table(n: int, shape=(4, 3, 3)) -> tuple[pa.Table, np.ndarray]:
     values = np.random.default_rng(0).standard_normal((n, *shape)).astype(np.float16)
-    schema = store.feature_schema(shape, "float16", {"layer": "x"})
+    schema = tables.feature_schema(shape, "float16", {"layer": "x"})
     table = pa.table({"source_id": [f"s{i}" for i in range(n)], "variant": ["original"] * n, "split": ["train"] * n,
-                      "class_idx": pa.array(range(n), pa.int32()), "feature": store.tensor_array(values)}, schema=schema)
+                      "class_idx": pa.array(range(n), pa.int32()), "feature": tables.tensor_array(values)}, schema=schema)
     return table, values
 
 
@@ -25,17 +26,17 @@ def test_feature_tensors_round_trip_through_ray_and_plain_readers(tmp_path):
         lambda b: b.append_column("error_reason", pa.nulls(b.num_rows, pa.string()))
                    .append_column("error_message", pa.nulls(b.num_rows, pa.string())),
         batch_format="pyarrow")
-    summary = store.write_stage(store.Store(str(tmp_path)), "t", rows, [store.Target(uri, table.schema)],
+    summary = base.write_stage(tables.Store(str(tmp_path)), "t", rows, [tables.Target(uri, table.schema)],
                                 rows_per_commit=3, skipped=0)
     assert summary.written == {uri: 10}
     # the same rows again (a retried write task, a second run racing the first): nothing added
-    again = store.write_stage(store.Store(str(tmp_path)), "t", rows, [store.Target(uri, table.schema)],
+    again = base.write_stage(tables.Store(str(tmp_path)), "t", rows, [tables.Target(uri, table.schema)],
                               rows_per_commit=3, skipped=0)
     assert again.written == {uri: 0} and lance.dataset(uri).count_rows() == 10
     # plain pyarrow/lance reader: canonical fixed-shape tensor, exact values, in any order
     back = lance.dataset(uri).to_table()
     order = np.argsort([int(s[1:]) for s in back["source_id"].to_pylist()])
-    np.testing.assert_array_equal(store.tensor_numpy(back["feature"])[order], values)
+    np.testing.assert_array_equal(tables.tensor_numpy(back["feature"])[order], values)
     assert back.schema.field("feature").type.shape == [4, 3, 3]
     # Ray reader
     batch = ray.data.read_lance(uri).sort("class_idx").take_batch(10)
@@ -48,7 +49,7 @@ def test_feature_tensors_round_trip_through_ray_and_plain_readers(tmp_path):
 
 
 def test_failures_are_upserted_and_cleared(tmp_path):
-    st = store.Store(str(tmp_path))
+    st = tables.Store(str(tmp_path))
     st.record_errors("ingest", [{"key": "a/original", "reason": "truncated", "message": "m1"},
                                 {"key": "b/original", "reason": "empty_file", "message": "m2"}])
     st.record_errors("ingest", [{"key": "a/original", "reason": "not_an_image", "message": "m3"}])
@@ -63,9 +64,9 @@ def test_failures_are_upserted_and_cleared(tmp_path):
 
 def test_existing_table_with_another_shape_is_refused(tmp_path):
     uri = str(tmp_path / "f.lance")
-    store.ensure_table(uri, store.feature_schema((4, 3, 3), "float16", {}))
-    store.ensure_table(uri, store.feature_schema((4, 3, 3), "float16", {"other": "metadata"}))  # fine
-    with pytest.raises(store.SchemaMismatch, match="f.lance"):
-        store.ensure_table(uri, store.feature_schema((8, 3, 3), "float16", {}))
-    with pytest.raises(store.SchemaMismatch):
-        store.check_schema(uri, store.feature_schema((4, 3, 3), "float32", {}))
+    tables.ensure_table(uri, tables.feature_schema((4, 3, 3), "float16", {}))
+    tables.ensure_table(uri, tables.feature_schema((4, 3, 3), "float16", {"other": "metadata"}))  # fine
+    with pytest.raises(tables.SchemaMismatch, match="f.lance"):
+        tables.ensure_table(uri, tables.feature_schema((8, 3, 3), "float16", {}))
+    with pytest.raises(tables.SchemaMismatch):
+        tables.check_schema(uri, tables.feature_schema((4, 3, 3), "float32", {}))

@@ -12,8 +12,9 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from featmap_ray import cli, store, tracking
+from featmap_ray import cli
 from featmap_ray.config import Config, ConfigError, load_config
+from featmap_ray.io import tables, tracking
 from tests import ray_cluster
 
 
@@ -24,7 +25,7 @@ def _cfg(tmp_path: Path, **mlflow) -> Config:
 
 def _features_table(cfg: Config, appends: int = 0) -> str:
     """A small features/bb/l table at version 1 + appends."""
-    uri = store.Store(cfg.storage).features_uri("bb", "l")
+    uri = tables.Store(cfg.storage).layout.features("bb", "l")
     lance.write_dataset(pa.table({"source_id": ["a"]}), uri)
     for i in range(appends):
         lance.write_dataset(pa.table({"source_id": [f"b{i}"]}), uri, mode="append")

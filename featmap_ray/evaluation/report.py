@@ -190,7 +190,7 @@ def recon_grids(rows: pd.DataFrame, manipulated: Mapping[tuple[str, str], np.nda
     """One image grid per (backbone, layer, manipulation): for the first `per_grid` sources, the manipulated
     image, FeatInv's reconstruction of the true target, then per model the reconstruction of its mapped map
     and of its noise control, and the spatial-only baseline when there is one."""
-    from featmap_ray import imageio
+    from featmap_ray.io import imageio
 
     paths = []
     for (backbone, layer, manipulation), group in rows.groupby(["backbone", "layer", "variant"], sort=True):

@@ -12,8 +12,9 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
-from featmap_ray import backbones, imageio, store
+from featmap_ray import backbones
 from featmap_ray.config import BackboneRequest, Config
+from featmap_ray.io import imageio, tables
 
 
 def featinv_backbone(cfg: Config) -> tuple[BackboneRequest, str]:
@@ -31,9 +32,9 @@ def featinv_backbone(cfg: Config) -> tuple[BackboneRequest, str]:
 
 def selection(split: str | None, variants: list[str] | None) -> str | None:
     """Lance filter for rows of `split` (None: all) and `variants` (None: all)."""
-    conditions = [f"split = {store.sql_list([split])}"] if split else []
+    conditions = [f"split = {tables.sql_list([split])}"] if split else []
     if variants:
-        conditions.append(f"variant IN ({store.sql_list(variants)})")
+        conditions.append(f"variant IN ({tables.sql_list(variants)})")
     return " AND ".join(conditions) or None
 
 
@@ -42,7 +43,7 @@ def backbone_view(png: bytes, size: int) -> np.ndarray:
     return np.asarray(imageio.resize_center_crop(Image.fromarray(imageio.decode_png_rgb(png)), size))
 
 
-def stored_views(st: store.Store, keys: Iterable[tuple[str, str]], size: int) -> dict[tuple[str, str], np.ndarray]:
+def stored_views(st: tables.Store, keys: Iterable[tuple[str, str]], size: int) -> dict[tuple[str, str], np.ndarray]:
     """The backbone views of the stored images of (source_id, variant) `keys`; keys without an image are absent."""
-    table = st.rows(st.images_uri, keys, ["image"])
+    table = st.rows(st.layout.images, keys, ["image"])
     return {(r["source_id"], r["variant"]): backbone_view(r["image"], size) for r in table.to_pylist()}

@@ -21,12 +21,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from featmap_ray import backbones, pretrained, tracking
+from featmap_ray import backbones, pretrained
 from featmap_ray.config import Config
 from featmap_ray.featinv.data import featinv_backbone
 from featmap_ray.featinv.model import FeatInvControlNetModel, ddim_scheduler
 from featmap_ray.featinv.pipeline import FeatInvPipeline
-from featmap_ray.storage import Location
+from featmap_ray.io import tracking
+from featmap_ray.io.files import Location
 
 BASE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "unet")
 DEFAULT_BASE = "lambdalabs/miniSD-diffusers"

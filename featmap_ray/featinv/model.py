@@ -15,6 +15,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+
 # ModelMixin is a name of this module on purpose: a saved FeatInvPipeline's model_index.json names the
 # ControlNet ["featmap_ray.featinv.model", "FeatInvControlNetModel"], and diffusers' from_pretrained
 # finds its loading method by looking up the base class names (ModelMixin, ...) in that module.

@@ -35,7 +35,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from featmap_ray.featinv.model import FeatInvControlNetModel
 
 if TYPE_CHECKING:
-    from featmap_ray.tracking import ModelSource
+    from featmap_ray.io.tracking import ModelSource
 
 # The reference's sampling text: prompt "a high-quality, detailed, and professional image" + ", " + a_prompt "".
 PROMPT = "a high-quality, detailed, and professional image, "

@@ -9,7 +9,6 @@ param up front.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -135,16 +134,6 @@ def expand(config: Mapping[str, Any]) -> list[Manipulation]:
             seen.add(name)
             variants.append(Manipulation(name, op, spec.family, param, spec.random))
     return variants
-
-
-def derive_seed(*parts: str | int) -> int:
-    """Stable 63-bit seed from sha256 of the parts joined with "\\x1f".
-
-    Unlike `hash()`, this does not change between processes. Parts are compared
-    via `str`, so `1` and `"1"` give the same seed.
-    """
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 # --- param validators ---------------------------------------------------------

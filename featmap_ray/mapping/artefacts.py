@@ -7,7 +7,7 @@ through `load_run`, never through the code that trained it. A published run is a
         model.safetensors   the best-by-validation model: raw features in, raw features out
         run.json            spec, digest, shape, normalisation, training means, history, best epoch
 
-on local disk or in an object store (featmap_ray.storage); run.json is written last, so a folder
+on local disk or in an object store (featmap_ray.io.files); run.json is written last, so a folder
 holding it is a finished run, never a half-written one.
 """
 
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from featmap_ray.config import Config
+from featmap_ray.io.files import Location
 from featmap_ray.mapping.grid import RunSpec
-from featmap_ray.storage import Location
 
 MODEL_FILE = "model.safetensors"
 RUN_FILE = "run.json"

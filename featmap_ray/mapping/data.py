@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from featmap_ray import store
-from featmap_ray.storage import Location
+from featmap_ray.io import tables
+from featmap_ray.io.files import Location
+
 
 @dataclass
 class Pairs:
@@ -52,11 +53,11 @@ class Pairs:
                 read_features(self.uri, self.y_offsets[rows], self.version))
 
 
-def dataset_source_ids(st: store.Store, dataset: str) -> set[str]:
-    table = st.open(st.images_uri)
+def dataset_source_ids(st: tables.Store, dataset: str) -> set[str]:
+    table = st.open(st.layout.images)
     if table is None:
-        raise FileNotFoundError(f"no images table at {st.images_uri}: run `featmap ingest` first")
-    return _dataset_source_ids(st.images_uri, table.version, dataset)
+        raise FileNotFoundError(f"no images table at {st.layout.images}: run `featmap ingest` first")
+    return _dataset_source_ids(st.layout.images, table.version, dataset)
 
 
 # Memoised per table version (a version never changes): planning a study reads the same key
@@ -64,7 +65,7 @@ def dataset_source_ids(st: store.Store, dataset: str) -> set[str]:
 @functools.lru_cache(maxsize=16)
 def _dataset_source_ids(uri: str, version: int, dataset: str) -> frozenset[str]:
     rows = _dataset(uri, version).to_table(columns=["source_id"],
-                                           filter=f"variant = '{store.ORIGINAL}' AND dataset = '{dataset}'")
+                                           filter=f"variant = '{tables.ORIGINAL}' AND dataset = '{dataset}'")
     return frozenset(rows["source_id"].to_pylist())
 
 
@@ -76,16 +77,16 @@ def _key_frame(uri: str, version: int):
     return keys
 
 
-def load_pairs(st: store.Store, *, dataset: str, backbone: str, layer: str, manipulation: str, split: str) -> Pairs:
+def load_pairs(st: tables.Store, *, dataset: str, backbone: str, layer: str, manipulation: str, split: str) -> Pairs:
     """Every (original, `manipulation`) pair of `dataset` in `split`, sorted by source_id."""
-    uri = st.features_uri(backbone, layer)
+    uri = st.layout.features(backbone, layer)
     table = st.open(uri)
     if table is None:
         raise FileNotFoundError(f"no features table for backbone {backbone!r} layer {layer!r} at {uri}: "
                                 f"run `featmap extract` with that backbone and layer first")
     keys = _key_frame(uri, table.version)
     keys = keys[keys["source_id"].isin(dataset_source_ids(st, dataset)) & (keys["split"] == split)]
-    originals = keys[keys["variant"] == store.ORIGINAL].set_index("source_id")
+    originals = keys[keys["variant"] == tables.ORIGINAL].set_index("source_id")
     variants = keys[keys["variant"] == manipulation].set_index("source_id")
     joined = originals.join(variants[["offset"]], how="inner", rsuffix="_y").sort_index()
     feature_type = table.schema.field("feature").type
@@ -120,7 +121,7 @@ def train_val_split(pairs: Pairs, val_fraction: float, seed: int) -> tuple[Pairs
 def read_features(uri: str, offsets: np.ndarray, version: int) -> np.ndarray:
     """The (N, C, H, W) feature maps at these row offsets of version `version` of a features
     table, in that order."""
-    return store.tensor_numpy(_dataset(uri, version).take(np.asarray(offsets), columns=["feature"])["feature"])
+    return tables.tensor_numpy(_dataset(uri, version).take(np.asarray(offsets), columns=["feature"])["feature"])
 
 
 @functools.lru_cache(maxsize=16)
@@ -211,7 +212,7 @@ class ChannelStats:
 
 
 def _partial_moments(batch: pa.Table) -> pa.Table:
-    x = store.tensor_numpy(batch["feature"]).astype(np.float64)  # (N, C, H, W)
+    x = tables.tensor_numpy(batch["feature"]).astype(np.float64)  # (N, C, H, W)
     if not np.isfinite(x).all():
         bad = [batch["source_id"][i].as_py() for i in np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(1))]
         raise ValueError(f"non-finite values in the original feature maps of {bad[:5]}")
@@ -221,14 +222,14 @@ def _partial_moments(batch: pa.Table) -> pa.Table:
     return pa.table({"n": [values.shape[1]], "mean": [mean.tolist()], "m2": [m2.tolist()], "maps": [len(x)]})
 
 
-def channel_stats(st: store.Store, *, dataset: str, backbone: str, layer: str, split: str = "train") -> ChannelStats:
+def channel_stats(st: tables.Store, *, dataset: str, backbone: str, layer: str, split: str = "train") -> ChannelStats:
     """Statistics of every original feature map of `dataset` in `split`, streamed through Ray Data
     and combined with Chan's parallel update (exact, numerically stable, any number of blocks)."""
-    uri = st.features_uri(backbone, layer)
+    uri = st.layout.features(backbone, layer)
     ids = sorted(dataset_source_ids(st, dataset))
     if not ids:
-        raise ValueError(f"no original images of dataset {dataset!r} in {st.images_uri}")
-    filt = f"variant = '{store.ORIGINAL}' AND split = '{split}' AND source_id IN ({store.sql_list(ids)})"
+        raise ValueError(f"no original images of dataset {dataset!r} in {st.layout.images}")
+    filt = f"variant = '{tables.ORIGINAL}' AND split = '{split}' AND source_id IN ({tables.sql_list(ids)})"
     parts = st.read_ray(uri, columns=["source_id", "feature"], filter=filt).map_batches(
         _partial_moments, batch_format="pyarrow", batch_size=256).take_all()
     if not parts:
@@ -244,16 +245,16 @@ def channel_stats(st: store.Store, *, dataset: str, backbone: str, layer: str, s
     return ChannelStats(np.asarray(mean), np.sqrt(np.asarray(m2) / n) + 1e-6, maps)
 
 
-def cached_channel_stats(st: store.Store, root: Location, *, dataset: str, backbone: str, layer: str) -> ChannelStats:
+def cached_channel_stats(st: tables.Store, root: Location, *, dataset: str, backbone: str, layer: str) -> ChannelStats:
     """`channel_stats`, cached per (dataset, backbone, layer) and recomputed when the number of
     training originals in the table has changed."""
     path = root / "norm" / dataset / backbone / f"{layer}.json"
     ids = dataset_source_ids(st, dataset)
-    uri = st.features_uri(backbone, layer)
+    uri = st.layout.features(backbone, layer)
     table = st.open(uri)
     if table is None:
         raise FileNotFoundError(f"no features table for backbone {backbone!r} layer {layer!r} at {uri}")
-    current = len(set(table.to_table(columns=["source_id"], filter=f"variant = '{store.ORIGINAL}' AND split = 'train'")
+    current = len(set(table.to_table(columns=["source_id"], filter=f"variant = '{tables.ORIGINAL}' AND split = 'train'")
                       ["source_id"].to_pylist()) & ids)
     if path.exists():
         cached = ChannelStats.from_json(path.read_json())

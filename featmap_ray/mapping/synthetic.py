@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from featmap_ray import store
+from featmap_ray.io import tables
 
 BACKBONE, LAYER = "convnext_base", "stage3"
-FAMILIES = {store.ORIGINAL: "original", "rotation_90": "geometric", "hue_shift_60": "photometric"}
+FAMILIES = {tables.ORIGINAL: "original", "rotation_90": "geometric", "hue_shift_60": "photometric"}
 
 
 def affine_truth(channels: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +37,7 @@ def read_pairs(root: str, manipulation: str, split: str = "train", dataset: str 
 
     from featmap_ray.mapping import data
 
-    st = store.Store(root)
+    st = tables.Store(root)
     pairs = data.load_pairs(st, dataset=dataset, backbone=BACKBONE, layer=LAYER, manipulation=manipulation, split=split)
     x, y = pairs.read(np.arange(len(pairs)))
     return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())  # Arrow buffers are read-only
@@ -50,13 +50,13 @@ def write_tables(root: str, *, dataset: str = "t", n_train: int = 48, n_test: in
     rng = np.random.default_rng(seed)
     manipulations = manipulations or {"hue_shift_60": affine_manipulation(shape[0]),
                                       "rotation_90": lambda x: np.rot90(x, 1, axes=(2, 3))}
-    st = store.Store(root)
+    st = tables.Store(root)
     n = n_train + n_test
     ids = [f"{dataset}{i:04d}" for i in range(n)]
     splits = ["train"] * n_train + ["test"] * n_test
     classes = (np.arange(n) % 3).astype(np.int32)
     x = (2.0 + 1.5 * rng.standard_normal((n, *shape))).astype(np.float32)
-    variants = {store.ORIGINAL: x, **{m: fn(x).astype(np.float32) for m, fn in manipulations.items()}}
+    variants = {tables.ORIGINAL: x, **{m: fn(x).astype(np.float32) for m, fn in manipulations.items()}}
     if nan_key is not None:  # (source_id, variant) whose stored map gets a NaN
         variants[nan_key[1]][ids.index(nan_key[0]), 0, 0, 0] = np.nan
 
@@ -64,13 +64,13 @@ def write_tables(root: str, *, dataset: str = "t", n_train: int = 48, n_test: in
                    "class_name": f"c{c}", "family": FAMILIES.get(v, "photometric"), "params": "{}",
                    "seed": None, "image": b"", "width": 0, "height": 0, "source_path": ""}
                   for v in variants for s, sp, c in zip(ids, splits, classes, strict=True)]
-    store.ensure_table(st.images_uri, store.IMAGES_SCHEMA)
-    store.commit_new_rows(st.images_uri, pa.Table.from_pylist(image_rows, schema=store.IMAGES_SCHEMA))
+    tables.ensure_table(st.layout.images, tables.IMAGES_SCHEMA)
+    tables.commit_new_rows(st.layout.images, pa.Table.from_pylist(image_rows, schema=tables.IMAGES_SCHEMA))
 
-    schema = store.feature_schema(shape, dtype, {"backbone": BACKBONE, "layer": LAYER})
-    store.ensure_table(st.features_uri(BACKBONE, LAYER), schema)
+    schema = tables.feature_schema(shape, dtype, {"backbone": BACKBONE, "layer": LAYER})
+    tables.ensure_table(st.layout.features(BACKBONE, LAYER), schema)
     for v, maps in variants.items():
         table = pa.table({"source_id": ids, "variant": [v] * n, "split": splits, "class_idx": classes,
-                          "feature": store.tensor_array(maps.astype(dtype))}).cast(schema)
-        store.commit_new_rows(st.features_uri(BACKBONE, LAYER), table)
+                          "feature": tables.tensor_array(maps.astype(dtype))}).cast(schema)
+        tables.commit_new_rows(st.layout.features(BACKBONE, LAYER), table)
     return variants

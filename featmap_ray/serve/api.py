@@ -35,11 +35,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from featmap_ray import backbones, store
+from featmap_ray import backbones
 from featmap_ray.config import Config
 from featmap_ray.cosine import median_cosine
 from featmap_ray.featinv.data import backbone_view, featinv_backbone
 from featmap_ray.featinv.metrics import classifier_agreement
+from featmap_ray.io import tables
 from featmap_ray.serve import catalogue, inputs, models
 from featmap_ray.serve.inputs import RequestError
 
@@ -141,7 +142,7 @@ class Ingress:
         self.input_size = backbones.get_spec(self.request.name).input_size
         self.mapping_keys = catalogue.mapping_run_keys(cfg)
         self.catalogue = catalogue.describe(cfg, self.mapping_keys)
-        self.store = store.Store(cfg.storage)
+        self.store = tables.Store(cfg.storage)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
@@ -359,12 +360,12 @@ def create_api(ingress: Ingress) -> FastAPI:
         """A stored image (images table) and its stored feature map (features table) -> reconstructions."""
         key = (source_id, variant)
         st = ingress.store
-        found = st.rows(st.features_uri(ingress.request.name, ingress.layer), [key], ["feature"])
-        images = st.rows(st.images_uri, [key], ["image"])
+        found = st.rows(st.layout.features(ingress.request.name, ingress.layer), [key], ["feature"])
+        images = st.rows(st.layout.images, [key], ["image"])
         if found.num_rows == 0 or images.num_rows == 0:
             where = "features" if images.num_rows else "images"
             raise RequestError(404, f"no stored sample {source_id}/{variant} in the {where} table")
-        features = store.tensor_numpy(found["feature"])[0].astype(np.float32)
+        features = tables.tensor_numpy(found["feature"])[0].astype(np.float32)
         stored = images["image"][0].as_py()
         view = backbone_view(stored, ingress.input_size)
         _, logits = await ingress.probe(view)

@@ -50,7 +50,7 @@ def _mlflow_runs(cfg: Config, keys: list[str]) -> tuple[dict[str, Any], str | No
     """run key -> its MLflow run (tag featmap.run), and an error message when MLflow cannot be read."""
     from mlflow import MlflowClient
 
-    from featmap_ray import tracking
+    from featmap_ray.io import tracking
 
     try:
         exp = tracking.find_experiment_id(cfg)
@@ -71,7 +71,7 @@ def describe(cfg: Config, mapping_keys: list[str]) -> dict[str, Any]:
     """The body of `GET /models`."""
     from mlflow import MlflowClient
 
-    from featmap_ray import tracking
+    from featmap_ray.io import tracking
     from featmap_ray.mapping.artefacts import read_info, runs_root
 
     request, layer = featinv_backbone(cfg)

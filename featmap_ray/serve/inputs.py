@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from featmap_ray import imageio
+from featmap_ray.io import imageio
 
 NPY_MAGIC = b"\x93NUMPY"
 

@@ -35,7 +35,7 @@ def allowed_models(cfg: Config) -> dict[str, str | None]:
 
 def mlflow_run_id(cfg: Config, source: str | None) -> str | None:
     """The MLflow run a model source belongs to (runs:/ and models:/ URIs; None for a folder)."""
-    from featmap_ray import tracking
+    from featmap_ray.io import tracking
 
     return None if source is None else tracking.model_source(cfg, source).run_id
 

@@ -26,9 +26,8 @@ from typing import Any
 import lance
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
+
+from featmap_ray.layout import Layout
 
 KEY = ("source_id", "variant")
 ORIGINAL = "original"  # the variant name of the resized, unmanipulated image
@@ -170,6 +169,30 @@ def ensure_table(uri: str, schema: pa.Schema) -> None:
         ds.update_field_metadata(unmarked)
 
 
+PROVENANCE = "featmap:provenance"  # schema metadata key: {group: provenance} (featmap_ray.stages.base)
+
+
+def read_provenance(table: str | lance.LanceDataset) -> dict[str, dict[str, Any]]:
+    """The provenance recorded in a table's schema metadata, per group ({} when none)."""
+    ds = open_table(table) if isinstance(table, str) else table
+    raw = None if ds is None else (ds.schema.metadata or {}).get(PROVENANCE.encode())
+    return json.loads(raw) if raw else {}
+
+
+def write_provenance(uri: str, groups: dict[str, dict[str, Any]]) -> None:
+    """Record (add or replace) these groups' provenance in the table's schema metadata: one commit."""
+    ds = lance.dataset(uri)
+    recorded = read_provenance(ds)
+    merged = {**recorded, **groups}
+    if merged != recorded:
+        ds.update_schema_metadata({PROVENANCE: json.dumps(merged, sort_keys=True)})
+
+
+def delete_rows(uri: str, filter: str | None) -> None:
+    """Delete the rows `filter` selects (None: every row) in one commit."""
+    lance.dataset(uri).delete(filter or "true")
+
+
 def check_schema(uri: str, schema: pa.Schema) -> None:
     """Raise SchemaMismatch if the table at `uri` exists with another schema."""
     ds = open_table(uri)
@@ -186,24 +209,7 @@ class Store:
 
     def __init__(self, root: str):
         self.root = root.rstrip("/")
-
-    # -- locations ---------------------------------------------------------------------------
-    def uri(self, *parts: str) -> str:
-        return "/".join([self.root, *parts]) + ".lance"
-
-    @property
-    def images_uri(self) -> str:
-        return self.uri("images")
-
-    @property
-    def errors_uri(self) -> str:
-        return self.uri("errors")
-
-    def features_uri(self, backbone: str, layer: str) -> str:
-        return self.uri("features", backbone, layer)
-
-    def reconstructions_uri(self, backbone: str, layer: str) -> str:
-        return self.uri("reconstructions", backbone, layer)
+        self.layout = Layout(self.root)
 
     # -- reading -----------------------------------------------------------------------------
     def open(self, uri: str) -> lance.LanceDataset | None:
@@ -215,7 +221,7 @@ class Store:
 
     def keys(self, uri: str, filter: str | None = None) -> set[tuple[str, str]]:
         ds = self.open(uri)
-        return set() if ds is None else set(_keys(ds.to_table(columns=list(KEY), filter=filter)))
+        return set() if ds is None else set(row_keys(ds.to_table(columns=list(KEY), filter=filter)))
 
     def rows(self, uri: str, keys: Iterable[tuple[str, str]], columns: list[str]) -> pa.Table:
         """The rows of the (source_id, variant) `keys` that the table holds: key columns + `columns`."""
@@ -225,7 +231,7 @@ class Store:
             return pa.table({c: pa.array([], pa.string()) for c in KEY})
         ids = sorted({s for s, _ in wanted})
         table = ds.to_table(columns=[*KEY, *columns], filter=f"source_id IN ({sql_list(ids)})")
-        return table.filter(pa.array([k in wanted for k in _keys(table)], type=pa.bool_()))
+        return table.filter(pa.array([k in wanted for k in row_keys(table)], type=pa.bool_()))
 
     def read_ray(self, uri: str, columns: list[str] | None = None, filter: str | None = None):
         import ray.data
@@ -240,9 +246,9 @@ class Store:
             return
         now = dt.datetime.now(dt.timezone.utc)
         table = pa.Table.from_pylist([{**r, "stage": stage, "recorded_at": now} for r in rows], schema=ERRORS_SCHEMA)
-        ensure_table(self.errors_uri, ERRORS_SCHEMA)
+        ensure_table(self.layout.errors, ERRORS_SCHEMA)
         (
-            lance.dataset(self.errors_uri)
+            lance.dataset(self.layout.errors)
             .merge_insert(["stage", "key"])
             .when_matched_update_all()
             .when_not_matched_insert_all()
@@ -253,12 +259,12 @@ class Store:
         """Forget earlier failures of keys that have now succeeded."""
         recorded = set(self.errors(stage)["key"].to_pylist())
         stale = sorted(recorded.intersection(keys))
-        ds = self.open(self.errors_uri)
+        ds = self.open(self.layout.errors)
         for start in range(0, len(stale), 1000):
             ds.delete(f"stage = '{stage}' AND key IN ({sql_list(stale[start:start + 1000])})")
 
     def errors(self, stage: str | None = None) -> pa.Table:
-        ds = self.open(self.errors_uri)
+        ds = self.open(self.layout.errors)
         if ds is None:
             return ERRORS_SCHEMA.empty_table()
         return ds.to_table(filter=None if stage is None else f"stage = '{stage}'")
@@ -280,7 +286,7 @@ class Target:
         return batch.select([self.columns.get(n, n) for n in names]).rename_columns(names).cast(self.schema)
 
 
-def _keys(table: pa.Table, key: tuple[str, ...] = KEY) -> list[tuple]:
+def row_keys(table: pa.Table, key: tuple[str, ...] = KEY) -> list[tuple]:
     return list(zip(*(table[c].to_pylist() for c in key), strict=True))
 
 
@@ -293,86 +299,6 @@ def commit_new_rows(uri: str, table: pa.Table, key: tuple[str, ...] = KEY) -> in
     result = (lance.dataset(uri).merge_insert(list(key)).when_not_matched_insert_all()
               .conflict_retries(COMMIT_RETRIES).execute(table))
     return int(result["num_inserted_rows"])
-
-
-class KeyedLanceSink(Datasink):
-    """Ray Data sink: each write task commits its successful rows to every target, atomically,
-    and returns its failed rows (small) to the driver, which records them in the errors table."""
-
-    def __init__(self, targets: list[Target], rows_per_commit: int):
-        self.targets = targets
-        self.rows_per_commit = rows_per_commit
-        self.written: dict[str, int] = {t.uri: 0 for t in targets}
-        self.failed: list[dict[str, Any]] = []
-        self.succeeded: list[str] = []
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_commit
-
-    def get_name(self) -> str:
-        return "LanceCommit"
-
-    def on_write_start(self, schema: pa.Schema | None = None) -> None:
-        for target in self.targets:
-            ensure_table(target.uri, target.schema)
-
-    def write(self, blocks, ctx) -> dict[str, Any]:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return {"written": {}, "failed": [], "succeeded": []}
-        batch = pa.concat_tables(tables, promote_options="permissive")
-        failed = pc.is_valid(batch["error_reason"])
-        ok = batch.filter(pc.invert(failed))
-        written = {}
-        for target in self.targets:
-            rows = target.rows(ok)
-            written[target.uri] = commit_new_rows(target.uri, rows, target.key) if rows.num_rows else 0
-        bad = batch.filter(failed)
-        failed_rows = [
-            {"key": key_string(r["source_id"], r["variant"]), "source_id": r["source_id"], "variant": r["variant"],
-             "path": r.get("source_path"), "reason": r["error_reason"], "message": r["error_message"]}
-            for r in bad.select([c for c in ("source_id", "variant", "source_path", *ERROR_COLUMNS) if c in bad.column_names]).to_pylist()
-        ]
-        succeeded = [key_string(s, v) for s, v in _keys(ok)]
-        return {"written": written, "failed": failed_rows, "succeeded": succeeded}
-
-    def on_write_complete(self, write_result) -> None:
-        for result in write_result.write_returns:
-            for uri, n in result["written"].items():
-                self.written[uri] += n
-            self.failed.extend(result["failed"])
-            self.succeeded.extend(result["succeeded"])
-
-
-@dataclass
-class StageSummary:
-    stage: str
-    written: dict[str, int]
-    skipped: int
-    failed: int
-    errors_uri: str
-
-    def __str__(self) -> str:
-        lines = [f"[{self.stage}] rows written:"]
-        lines += [f"    {n:>7}  {uri}" for uri, n in self.written.items()] or ["    0"]
-        lines.append(f"  skipped as already stored: {self.skipped}")
-        lines.append(f"  failed: {self.failed}" + (f"  (reasons in {self.errors_uri}, stage '{self.stage}')" if self.failed else ""))
-        return "\n".join(lines)
-
-
-def write_stage(store: Store, stage: str, dataset, targets: list[Target], *, rows_per_commit: int, skipped: int) -> StageSummary:
-    """Run a Ray Data pipeline into `targets` (None: nothing pending), record its failures and
-    summarise. Each commit is one fragment: no compaction, since Ray reads in parallel per fragment."""
-    sink = KeyedLanceSink(targets, rows_per_commit)
-    if dataset is None:
-        sink.on_write_start()
-    else:
-        dataset.write_datasink(sink)
-    store.record_errors(stage, sink.failed)
-    store.clear_errors(stage, sink.succeeded)
-    return StageSummary(stage, sink.written, skipped, len(sink.failed), store.errors_uri)
 
 
 def with_error_columns(schema: pa.Schema) -> pa.Schema:

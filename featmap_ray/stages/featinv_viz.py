@@ -28,12 +28,13 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from tqdm import tqdm
 
-from featmap_ray import backbones, imageio, runtime, store, tracking
+from featmap_ray import backbones, runtime
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.cosine import median_cosine
 from featmap_ray.evaluation.report import _figure, _save, safe_name
 from featmap_ray.featinv import data, metrics, viz
-from featmap_ray.storage import Location
+from featmap_ray.io import imageio, tables, tracking
+from featmap_ray.io.files import Location
 
 STAGE = "featinv-viz"
 KEY = "featinv.viz"
@@ -61,11 +62,11 @@ def plan(cfg: Config) -> Plan:
     v = cfg.featinv.viz
     request, layer = data.featinv_backbone(cfg)
     channels, height, width = backbones.feature_shapes(backbones.get_spec(request.name), request, [layer])[layer]
-    st = store.Store(cfg.storage)
-    uri = st.features_uri(request.name, layer)
+    st = tables.Store(cfg.storage)
+    uri = st.layout.features(request.name, layer)
     if st.open(uri) is None:
         raise FileNotFoundError(f"no feature maps at {uri}: run `featmap extract` first")
-    stored = sorted(sid for sid, _ in st.keys(uri, filter=f"variant = {store.sql_list([v.variant])}"))
+    stored = sorted(sid for sid, _ in st.keys(uri, filter=f"variant = {tables.sql_list([v.variant])}"))
     if not stored:
         raise ValueError(f"{KEY}.variant: no feature maps of variant {v.variant!r} in {uri}")
     if v.source_ids and v.class_name is not None:
@@ -76,8 +77,8 @@ def plan(cfg: Config) -> Plan:
             raise ValueError(f"{KEY}.source_ids: no feature maps of variant {v.variant!r} for {missing} in {uri}")
         fit_ids, label = sorted(set(v.source_ids)), f"{len(set(v.source_ids))} source ids"
     else:
-        images = st.open(st.images_uri)
-        table = images.to_table(columns=["source_id", "class_name"], filter=f"source_id IN ({store.sql_list(stored)})")
+        images = st.open(st.layout.images)
+        table = images.to_table(columns=["source_id", "class_name"], filter=f"source_id IN ({tables.sql_list(stored)})")
         by_class: dict[str, list[str]] = {}
         for sid, name in zip(table["source_id"].to_pylist(), table["class_name"].to_pylist(), strict=True):
             by_class.setdefault(name, []).append(sid)
@@ -115,10 +116,10 @@ def plan(cfg: Config) -> Plan:
 
 def read_maps(cfg: Config, p: Plan, ids: list[str]) -> dict[str, np.ndarray]:
     """float32 (C, H, W) maps of `ids` (variant featinv.viz.variant); a map with NaN or Inf is an error."""
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     variant = cfg.featinv.viz.variant
-    table = st.rows(st.features_uri(p.request.name, p.layer), [(sid, variant) for sid in ids], ["feature"])
-    maps = dict(zip(table["source_id"].to_pylist(), store.tensor_numpy(table["feature"]).astype(np.float32),
+    table = st.rows(st.layout.features(p.request.name, p.layer), [(sid, variant) for sid in ids], ["feature"])
+    maps = dict(zip(table["source_id"].to_pylist(), tables.tensor_numpy(table["feature"]).astype(np.float32),
                     strict=True))
     bad = sorted(sid for sid, m in maps.items() if not np.isfinite(m).all())
     if bad:
@@ -128,8 +129,8 @@ def read_maps(cfg: Config, p: Plan, ids: list[str]) -> dict[str, np.ndarray]:
 
 def read_sources(cfg: Config, ids: list[str]) -> dict[str, np.ndarray]:
     """The stored images (uint8 RGB) of `ids`, variant featinv.viz.variant."""
-    st = store.Store(cfg.storage)
-    table = st.rows(st.images_uri, [(sid, cfg.featinv.viz.variant) for sid in ids], ["image"])
+    st = tables.Store(cfg.storage)
+    table = st.rows(st.layout.images, [(sid, cfg.featinv.viz.variant) for sid in ids], ["image"])
     return {r["source_id"]: imageio.decode_png_rgb(r["image"]) for r in table.to_pylist()}
 
 
@@ -306,7 +307,7 @@ def run(cfg: Config) -> str:
     how = f"file {v.concepts}" if v.concepts else (f"k-means + SVD of {len(p.fit_ids)} maps' vectors "
                                                    f"(n_concepts {v.n_concepts}, rank {v.rank}, seed {v.seed})")
     sampler = Sampler(cfg, p)
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     target = output_dir(cfg)
     with target.staged(marker="results.json") as out:
         concept_rows = steer_concepts(sampler, p, maps, sources, concepts, v.factor, out)
@@ -328,7 +329,7 @@ def run(cfg: Config) -> str:
         logged.update({f"composition_{k}": val for k in ("change_inside", "change_outside")
                        if (val := composed[k]) is not None})
         logged["unaffected_fraction_mean"] = float(np.mean([r["unaffected_fraction"] for r in concept_rows]))
-        inputs = tracking.table_inputs(cfg, [st.features_uri(p.request.name, p.layer), st.images_uri])
+        inputs = tracking.table_inputs(cfg, [st.layout.features(p.request.name, p.layer), st.layout.images])
         run_id = tracking.study_stage_run(cfg, STAGE, inputs, context="evaluation")
         tracking.end_stage_run(cfg, run_id, logged, artefacts=out)
     curve_text = ", ".join(f"α={alpha:g}: {cos:.3f}" for alpha, cos in curve.items())

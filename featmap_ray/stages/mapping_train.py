@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from featmap_ray import store, tracking
 from featmap_ray.config import Config, MappingTraining
+from featmap_ray.io import tables, tracking
+from featmap_ray.io.files import Location
 from featmap_ray.mapping import artefacts, data
 from featmap_ray.mapping.grid import RunSpec, run_digest
-from featmap_ray.storage import Location
 
 GROUP_STATE = "group.pt"
 # Ray Train's controller collects reports and checkpoints when it polls the workers (every 2 s by
@@ -93,7 +93,7 @@ def plan_group(cfg: Config, specs: list[RunSpec], *, name: str | None = None, pa
     The Ray Train run is `name`, by default the study, the data key and the data fingerprint (and
     `part` when the runs of one data key are split into several groups)."""
     training = training or training_settings(cfg)
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     key = specs[0].data_key
     dataset, backbone, layer, manipulation = key
     if any(s.data_key != key for s in specs):

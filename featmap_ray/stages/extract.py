@@ -9,14 +9,15 @@ only receives the keys it does not hold yet.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
 
-from featmap_ray import backbones, imageio, runtime, store
+from featmap_ray import backbones, runtime
 from featmap_ray.config import BackboneRequest, Config
+from featmap_ray.io import imageio, tables
+from featmap_ray.stages import base
 
 STAGE = "extract"
 LABELS = ("source_id", "variant", "split", "class_idx")
@@ -38,7 +39,7 @@ def preprocess_batch(batch: pa.Table, size: int, pending: frozenset[tuple[str, s
         except Exception as e:  # a corrupt stored image: recorded, the job goes on
             reasons[i], messages[i] = type(e).__name__, f"decoding stored image {row['source_id']}/{row['variant']}: {e}"
     return pa.table({**{k: pa.array([r[k] for r in rows], batch.schema.field(k).type) for k in LABELS},
-                     "pixels": store.tensor_array(pixels), "error_reason": pa.array(reasons, pa.string()),
+                     "pixels": tables.tensor_array(pixels), "error_reason": pa.array(reasons, pa.string()),
                      "error_message": pa.array(messages, pa.string())})
 
 
@@ -60,7 +61,7 @@ class FeatureExtractor:
         features = {}
         try:
             with torch.inference_mode():
-                pixels = torch.from_numpy(store.tensor_numpy(batch["pixels"]).copy())  # Arrow memory is read-only
+                pixels = torch.from_numpy(tables.tensor_numpy(batch["pixels"]).copy())  # Arrow memory is read-only
                 x = backbones.normalise(pixels.to(self.device), self.spec)
                 taps = backbones.forward_taps(self.model, self.spec, self.layers, x)
             for layer, t in taps.items():
@@ -69,7 +70,7 @@ class FeatureExtractor:
                 for i in np.flatnonzero(~finite):
                     if reasons[i] is None:
                         reasons[i], messages[i] = "non_finite", f"{self.spec.name}/{layer} of {ids[i]}/{variants[i]} has NaN or Inf values"
-                features[feature_column(layer)] = store.tensor_array(values)
+                features[feature_column(layer)] = tables.tensor_array(values)
         except Exception as e:  # e.g. out of memory: the batch is recorded as failed, the job goes on
             reasons = [reasons[i] or type(e).__name__ for i in range(n)]
             messages = [messages[i] or f"{self.spec.name} forward: {e}" for i in range(n)]
@@ -79,23 +80,23 @@ class FeatureExtractor:
                          "error_message": pa.array(messages, pa.string())})
 
 
-def _targets(st: store.Store, spec: backbones.BackboneSpec, request: BackboneRequest, layers: list[str],
-             dtype: str) -> list[store.Target]:
+def _targets(st: tables.Store, spec: backbones.BackboneSpec, request: BackboneRequest, layers: list[str],
+             dtype: str) -> list[tables.Target]:
     shapes = backbones.feature_shapes(spec, request, layers)
     targets = []
     for layer in layers:
         meta = {"backbone": spec.name, "timm_name": spec.timm_name, "layer": layer, "input_size": spec.input_size,
                 "pretrained": request.pretrained, "checkpoint": request.checkpoint, "dtype": dtype,
                 "layout": "CHW", "tap_index": spec.taps[layer]}
-        schema = store.feature_schema(shapes[layer], dtype, meta)
-        targets.append(store.Target(st.features_uri(spec.name, layer), schema, columns={"feature": feature_column(layer)}))
+        schema = tables.feature_schema(shapes[layer], dtype, meta)
+        targets.append(tables.Target(st.layout.features(spec.name, layer), schema, columns={"feature": feature_column(layer)}))
     return targets
 
 
-def run(cfg: Config) -> list[store.StageSummary]:
+def run(cfg: Config) -> list[base.StageSummary]:
     import ray.data
 
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     ex = cfg.extract
     # Check every backbone (name, layers, weights, shapes of existing tables) before anything is written.
     plans = []
@@ -105,11 +106,11 @@ def run(cfg: Config) -> list[store.StageSummary]:
         backbones.check_weights(spec, request)
         targets = _targets(st, spec, request, layers, ex.dtype)
         for t in targets:
-            store.check_schema(t.uri, t.schema)
+            tables.check_schema(t.uri, t.schema)
         plans.append((request, spec, layers, targets))
-    keys = st.keys(st.images_uri)
+    keys = st.keys(st.layout.images)
     if not keys:
-        raise FileNotFoundError(f"no images in {st.images_uri}: run `featmap ingest` (and `featmap manipulate`) first")
+        raise FileNotFoundError(f"no images in {st.layout.images}: run `featmap ingest` (and `featmap manipulate`) first")
 
     summaries = []
     for request, spec, layers, targets in plans:
@@ -120,13 +121,13 @@ def run(cfg: Config) -> list[store.StageSummary]:
         ds = None
         if pending:
             ds = (
-                st.read_ray(st.images_uri, columns=["source_id", "variant", "split", "class_idx", "image"])
+                st.read_ray(st.layout.images, columns=["source_id", "variant", "split", "class_idx", "image"])
                 .map_batches(preprocess_batch, batch_size=ex.batch_size, batch_format="pyarrow",
                              fn_kwargs={"size": spec.input_size, "pending": pending})
                 .map_batches(FeatureExtractor, batch_size=ex.batch_size, batch_format="pyarrow",
                              fn_constructor_args=(request, layers, ex.dtype, ex.num_gpus > 0, ex.torch_threads),
                              compute=ray.data.ActorPoolStrategy(size=ex.num_actors), num_gpus=ex.num_gpus)
             )
-        summaries.append(store.write_stage(st, f"{STAGE}:{spec.name}", ds, targets, rows_per_commit=ex.rows_per_commit,
+        summaries.append(base.write_stage(st, f"{STAGE}:{spec.name}", ds, targets, rows_per_commit=ex.rows_per_commit,
                                            skipped=len(keys) - len(pending)))
     return summaries

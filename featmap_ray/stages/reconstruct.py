@@ -23,10 +23,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from featmap_ray import backbones, imageio, runtime, store, tracking
+from featmap_ray import backbones, runtime
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.cosine import median_cosine
 from featmap_ray.featinv import data, fid, metrics
+from featmap_ray.io import imageio, tables, tracking
+from featmap_ray.stages import base
 
 # diffusers (featinv.loading, featinv.model, featinv.pipeline) is imported where it is used: Ray Data
 # task workers that only run this module's light UDFs then start without it.
@@ -73,8 +75,8 @@ class Reconstructor:
         self.pipe.set_progress_bar_config(disable=True)  # one bar per batch would flood the actors' logs
         request, layer = data.featinv_backbone(cfg)
         self.probe = metrics.BackboneProbe(request, layer, self.device)
-        self.store = store.Store(cfg.storage)
-        self.generator, self.schema = generator, store.with_error_columns(schema)
+        self.store = tables.Store(cfg.storage)
+        self.generator, self.schema = generator, tables.with_error_columns(schema)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         from featmap_ray.featinv.model import FeatureMismatch
@@ -87,7 +89,7 @@ class Reconstructor:
                 self.pipe.controlnet.check_features(feature)
             except FeatureMismatch as e:  # one failure row per map, whatever the number of seeds
                 rows.append({**labels, "generator": self.generator, "seed": int(seeds[0]),
-                             **store.failure("feature_mismatch", f"{labels['source_id']}/{labels['variant']} "
+                             **tables.failure("feature_mismatch", f"{labels['source_id']}/{labels['variant']} "
                                                                  f"({self.generator}): {e}")})
                 continue
             for seed in seeds:
@@ -100,7 +102,7 @@ class Reconstructor:
             except Exception as e:  # e.g. out of memory: the batch is recorded as failed, the job goes on
                 for row in good:
                     where = f"{row['source_id']}/{row['variant']}"
-                    row.update(store.failure(type(e).__name__, f"FeatInv sampling of {where}: {e}"))
+                    row.update(tables.failure(type(e).__name__, f"FeatInv sampling of {where}: {e}"))
         return pa.Table.from_pylist(rows, schema=self.schema)
 
     def _reconstruct(self, features: torch.Tensor, rows: list[dict]) -> None:
@@ -138,7 +140,7 @@ class FidFeatures:
         request, layer = data.featinv_backbone(cfg)
         self.probe = metrics.BackboneProbe(request, layer, device)
         self.extractor = fid.fid_extractor(cfg.featinv.eval.fid_inception_weights, self.probe)
-        self.store = store.Store(cfg.storage)
+        self.store = tables.Store(cfg.storage)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         keys = list(zip(batch["source_id"].to_pylist(), batch["variant"].to_pylist(), strict=True))
@@ -197,9 +199,9 @@ def evaluate(cfg: Config, generator: str) -> ReconstructionMetrics:
     import ray.data
 
     request, layer = data.featinv_backbone(cfg)
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     s = cfg.featinv.sampling
-    ds = st.read_ray(st.reconstructions_uri(request.name, layer), filter=_rows_filter(generator, _seeds(cfg)),
+    ds = st.read_ray(st.layout.reconstructions(request.name, layer), filter=_rows_filter(generator, _seeds(cfg)),
                      columns=["source_id", "variant", "image", *ROW_METRICS])
     features = ds.map_batches(FidFeatures, fn_constructor_args=(cfg,), batch_size=s.batch_size, batch_format="pyarrow",
                               compute=ray.data.ActorPoolStrategy(size=s.num_actors), num_gpus=s.num_gpus)
@@ -226,7 +228,7 @@ def evaluate(cfg: Config, generator: str) -> ReconstructionMetrics:
 # -- The job ------------------------------------------------------------------------------------
 
 @dataclass
-class ReconstructReport(store.StageSummary):
+class ReconstructReport(base.StageSummary):
     """The stage summary plus the metrics over every stored row of the generator."""
 
     metrics: ReconstructionMetrics | None = None
@@ -246,7 +248,7 @@ def made_with(cfg: Config, request: BackboneRequest, layer: str,
             "control_scale": s.control_scale}
 
 
-def check_made_with(st: store.Store, uri: str, meta: dict[str, object]) -> None:
+def check_made_with(st: tables.Store, uri: str, meta: dict[str, object]) -> None:
     """Refuse to add rows to a table whose rows came from another model or sampling setting."""
     ds = st.open(uri)
     if ds is None:
@@ -278,7 +280,7 @@ def _log(cfg: Config, report: ReconstructReport) -> None:
 
     m = report.metrics
     request, layer = data.featinv_backbone(cfg)
-    features = tracking.table_input(cfg, store.Store(cfg.storage).features_uri(request.name, layer))
+    features = tracking.table_input(cfg, tables.Store(cfg.storage).layout.features(request.name, layer))
     with _mlflow_run(cfg, report.stage):
         tracking.log_table_inputs(None, mlflow.active_run().info.run_id, [features], context="evaluation")
         mlflow.set_tags({"generator": m.generator, "fid_extractor": m.fid_extractor})
@@ -296,14 +298,14 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *,
 
     request, layer = data.featinv_backbone(cfg)
     backbones.check_weights(backbones.get_spec(request.name), request)  # fail here, not in every actor
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     s = cfg.featinv.sampling
-    uri = st.reconstructions_uri(request.name, layer)
+    uri = st.layout.reconstructions(request.name, layer)
     # An unknown MLflow run or model version fails here, before any work.
     controlnet = tracking.model_source(cfg, cfg.featinv.controlnet) if cfg.featinv.controlnet else None
     meta = made_with(cfg, request, layer, controlnet)
     check_made_with(st, uri, meta)
-    schema = store.reconstructions_schema(meta)
+    schema = tables.reconstructions_schema(meta)
     seeds = _seeds(cfg)
     done = frozenset((sid, variant, seed) for seed in seeds
                      for sid, variant in st.keys(uri, filter=_rows_filter(generator, [seed])))
@@ -319,8 +321,8 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *,
                                               controlnet and (controlnet.registered or controlnet.uri)),
                          compute=ray.data.ActorPoolStrategy(size=s.num_actors), num_gpus=s.num_gpus)
         )
-    summary = store.write_stage(st, f"{STAGE}:{generator}", pipeline,
-                                [store.Target(uri, schema, key=store.RECONSTRUCTION_KEY)],
+    summary = base.write_stage(st, f"{STAGE}:{generator}", pipeline,
+                                [tables.Target(uri, schema, key=tables.RECONSTRUCTION_KEY)],
                                 rows_per_commit=s.rows_per_commit, skipped=skipped)
     report = ReconstructReport(**summary.__dict__, metrics=evaluate(cfg, generator))
     _log(cfg, report)
@@ -330,9 +332,9 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *,
 def run(cfg: Config) -> ReconstructReport:
     """Reconstruct the selected maps of the features table (featinv.sampling.split / variants / limit)."""
     request, layer = data.featinv_backbone(cfg)
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     s = cfg.featinv.sampling
-    uri = st.features_uri(request.name, layer)
+    uri = st.layout.features(request.name, layer)
     where = data.selection(s.split, s.variants)
     keys = sorted(st.keys(uri, filter=where))
     if not keys:

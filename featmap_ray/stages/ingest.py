@@ -24,13 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from featmap_ray import imageio, store
 from featmap_ray.config import Config, DatasetConfig
-from featmap_ray.manipulations.direct import derive_seed
+from featmap_ray.io import imageio, tables
+from featmap_ray.seeding import derive_seed
+from featmap_ray.stages import base
 
 log = logging.getLogger(__name__)
 STAGE = "ingest"
-BATCH_SCHEMA = store.with_error_columns(store.IMAGES_SCHEMA)
+BATCH_SCHEMA = tables.with_error_columns(tables.IMAGES_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ def original_row(item: dict, data: bytes, cfg: DatasetConfig) -> dict:
     img = imageio.decode_image(data, max_pixels=cfg.max_pixels, min_side=cfg.min_side, source=item["path"])
     img = imageio.resize_center_crop(img, cfg.image_size)
     return {
-        "source_id": item["source_id"], "variant": store.ORIGINAL, "dataset": cfg.name, "split": item["split"],
-        "class_idx": item["class_idx"], "class_name": item["class_name"], "family": store.ORIGINAL,
+        "source_id": item["source_id"], "variant": tables.ORIGINAL, "dataset": cfg.name, "split": item["split"],
+        "class_idx": item["class_idx"], "class_name": item["class_name"], "family": tables.ORIGINAL,
         "params": json.dumps({"size": cfg.image_size}), "seed": None, "image": imageio.encode_png(img),
         "width": img.width, "height": img.height, "source_path": item["path"],
     }
@@ -152,8 +153,8 @@ def load_originals(batch: pa.Table, cfg: DatasetConfig, root: str) -> pa.Table:
             rows.append(original_row(item, data, cfg))
         except Exception as e:  # corrupt, unreadable, vanished: recorded, and the job goes on
             reason = e.reason if isinstance(e, imageio.ImageDecodeError) else type(e).__name__
-            rows.append({"source_id": item["source_id"], "variant": store.ORIGINAL, "source_path": item["path"],
-                         **store.failure(reason, str(e))})
+            rows.append({"source_id": item["source_id"], "variant": tables.ORIGINAL, "source_path": item["path"],
+                         **tables.failure(reason, str(e))})
     return pa.Table.from_pylist(rows, schema=BATCH_SCHEMA)
 
 
@@ -165,19 +166,19 @@ def resolve_root(cfg: Config) -> str:
     return cfg.dataset.root
 
 
-def run(cfg: Config) -> store.StageSummary:
+def run(cfg: Config) -> base.StageSummary:
     import ray.data
 
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     root = resolve_root(cfg)
     items = discover(cfg.dataset, root)
     if not items:
         raise FileNotFoundError(f"no image files ({', '.join(cfg.dataset.extensions)}) found under {root}")
-    done = {s for s, _ in st.keys(st.images_uri, filter=f"variant = '{store.ORIGINAL}'")}
+    done = {s for s, _ in st.keys(st.layout.images, filter=f"variant = '{tables.ORIGINAL}'")}
     pending = [asdict(i) for i in items if i.source_id not in done]
-    targets = [store.Target(st.images_uri, store.IMAGES_SCHEMA)]
+    targets = [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)]
     ds = None
     if pending:
         ds = ray.data.from_items(pending).map_batches(
             load_originals, fn_kwargs={"cfg": cfg.dataset, "root": root}, batch_size=16, batch_format="pyarrow")
-    return store.write_stage(st, STAGE, ds, targets, rows_per_commit=256, skipped=len(items) - len(pending))
+    return base.write_stage(st, STAGE, ds, targets, rows_per_commit=256, skipped=len(items) - len(pending))

@@ -18,10 +18,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from featmap_ray import store, tracking
 from featmap_ray.config import Config
-from featmap_ray.mapping import artefacts, grid, train
-from featmap_ray.storage import Location
+from featmap_ray.io import tables, tracking
+from featmap_ray.io.files import Location
+from featmap_ray.mapping import artefacts, grid
+from featmap_ray.stages import mapping_train as train
 
 
 @dataclass
@@ -43,16 +44,16 @@ class StudySummary:
         return "\n".join(lines)
 
 
-def known_manipulations(st: store.Store) -> set[str]:
-    table = st.open(st.images_uri)
+def known_manipulations(st: tables.Store) -> set[str]:
+    table = st.open(st.layout.images)
     if table is None:
-        raise FileNotFoundError(f"no images table at {st.images_uri}: run `featmap ingest` and `manipulate` first")
-    return set(table.to_table(columns=["variant"])["variant"].to_pylist()) - {store.ORIGINAL}
+        raise FileNotFoundError(f"no images table at {st.layout.images}: run `featmap ingest` and `manipulate` first")
+    return set(table.to_table(columns=["variant"])["variant"].to_pylist()) - {tables.ORIGINAL}
 
 
-def check_tables(st: store.Store, runs: list[grid.RunSpec]) -> None:
+def check_tables(st: tables.Store, runs: list[grid.RunSpec]) -> None:
     """Every (backbone, layer) a run needs has a features table: fail before any run starts."""
-    missing = sorted({(r.backbone, r.layer) for r in runs if st.open(st.features_uri(r.backbone, r.layer)) is None})
+    missing = sorted({(r.backbone, r.layer) for r in runs if st.open(st.layout.features(r.backbone, r.layer)) is None})
     if missing:
         raise FileNotFoundError(f"no features table for {missing} under {st.root}/features: run `featmap extract` "
                                 "with those backbones and layers first")
@@ -61,7 +62,7 @@ def check_tables(st: store.Store, runs: list[grid.RunSpec]) -> None:
 def validate_study(cfg: Config) -> list[grid.RunSpec]:
     """Every run of the study, checked against the tables (manipulations made, features
     extracted): raises, naming what is wrong, before any work. Needs no Ray."""
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     runs = grid.expand(cfg, known_manipulations(st))
     check_tables(st, runs)
     return runs
@@ -176,8 +177,8 @@ def run_study(cfg: Config) -> StudySummary:
 def _record_failures(cfg: Config, summary: StudySummary) -> None:
     """Failed runs as rows of errors.lance (stage "fit", key = run key); runs that now succeeded
     are cleared from it."""
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     st.record_errors("fit", [{"key": key, "reason": "mapping run failed", "message": msg}
                              for key, msg in summary.failed.items()])
-    if st.open(st.errors_uri) is not None:
+    if st.open(st.layout.errors) is not None:
         st.clear_errors("fit", summary.fitted)

@@ -28,9 +28,10 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from featmap_ray import imageio, store, tracking
 from featmap_ray.config import BackboneRequest, Config
-from featmap_ray.storage import Location
+from featmap_ray.io import imageio, tables, tracking
+from featmap_ray.io.files import Location
+from featmap_ray.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ BASELINES = ("identity", "spatial_only")
 
 
 def results_uri(cfg: Config, name: str) -> str:
-    return store.Store(cfg.storage).uri("results", cfg.mapping.study, name)
+    return Layout(cfg.storage).results(cfg.mapping.study, name)
 
 
 def reports_dir(cfg: Config) -> Location:
@@ -54,7 +55,7 @@ def write_results(cfg: Config, name: str, frame: pd.DataFrame) -> str:
 
 
 def read_results(cfg: Config, name: str) -> pd.DataFrame:
-    table = store.open_table(results_uri(cfg, name))
+    table = tables.open_table(results_uri(cfg, name))
     if table is None:
         raise FileNotFoundError(f"no {name} results at {results_uri(cfg, name)}: run the stage that makes them first")
     return table.to_table().to_pandas()
@@ -74,7 +75,7 @@ def _test_tensors(cfg: Config, dataset: str, backbone: str, layer: str, manipula
     """(x, y, labels) of the held-out pairs, a seeded subset of at most evaluate.max_pairs."""
     from featmap_ray.mapping import data
 
-    pairs = data.load_pairs(store.Store(cfg.storage), dataset=dataset, backbone=backbone, layer=layer,
+    pairs = data.load_pairs(tables.Store(cfg.storage), dataset=dataset, backbone=backbone, layer=layer,
                             manipulation=manipulation, split=cfg.evaluate.split)
     if len(pairs) == 0:
         raise ValueError(f"no {cfg.evaluate.split} pairs (original + {manipulation!r}) of {dataset!r} in {pairs.uri}")
@@ -181,7 +182,7 @@ def run_evaluate(cfg: Config) -> pd.DataFrame:
         groups[(spec.dataset, spec.backbone, spec.layer, spec.manipulation)].append(str(d))
     if not groups:
         raise ValueError(f"study {cfg.mapping.study!r} has no finished mapping runs: run `featmap fit` first")
-    features = sorted({store.Store(cfg.storage).features_uri(b, l) for _, b, l, _ in groups})
+    features = sorted({tables.Store(cfg.storage).layout.features(b, l) for _, b, l, _ in groups})
     run_id = tracking.study_stage_run(cfg, "evaluate", tracking.table_inputs(cfg, features), context="evaluation")
     task = ray.remote(_evaluate_group).options(num_cpus=1, num_gpus=cfg.mapping.resources.gpus_per_worker)
     refs = {g: task.remote(cfg, g, dirs) for g, dirs in sorted(groups.items())}
@@ -296,8 +297,8 @@ def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
     from featmap_ray.mapping.artefacts import finished_runs
 
     runs = finished_runs(cfg)
-    st = store.Store(cfg.storage)
-    run_id = tracking.study_stage_run(cfg, "analyze", [tracking.table_input(cfg, st.images_uri)], context="evaluation")
+    st = tables.Store(cfg.storage)
+    run_id = tracking.study_stage_run(cfg, "analyze", [tracking.table_input(cfg, st.layout.images)], context="evaluation")
     task = ray.remote(_analyze_run).options(num_cpus=1)
     parts = ray.get([task.remote(cfg, str(d)) for d in runs])
     tables: dict[str, list] = defaultdict(list)
@@ -317,16 +318,16 @@ def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
         write_results(cfg, name, frame)
         frames[name] = frame
     svd = frames["svd"]  # one row per analysed run; the features tables its tasks read
-    features = sorted({st.features_uri(b, l) for b, l in zip(svd["backbone"], svd["layer"], strict=True)})
+    features = sorted({st.layout.features(b, l) for b, l in zip(svd["backbone"], svd["layer"], strict=True)})
     tracking.end_stage_run(cfg, run_id, {"runs": len(svd)}, inputs=tracking.table_inputs(cfg, features))
     return frames
 
 
 def _families(cfg: Config) -> dict[str, str]:
     """manipulation -> family (geometric, photometric, mask, semantic) as recorded in the images table."""
-    st = store.Store(cfg.storage)
-    rows = st.open(st.images_uri).to_table(columns=["variant", "family"],
-                                           filter=f"variant != '{store.ORIGINAL}'").to_pandas()
+    st = tables.Store(cfg.storage)
+    rows = st.open(st.layout.images).to_table(columns=["variant", "family"],
+                                           filter=f"variant != '{tables.ORIGINAL}'").to_pandas()
     return dict(zip(rows["variant"], rows["family"], strict=True))
 
 
@@ -357,19 +358,19 @@ def write_report(cfg: Config, out: Path) -> int:
             evals, "agree_top1_orig_mapped", out)
         tables.update({f"top-1 agreement {b}/{l}": t
                        for (b, l), t in report.family_tables(evals, "agree_top1_orig_mapped").items()})
-    if store.open_table(results_uri(cfg, "svd")) is not None:
+    if tables.open_table(results_uri(cfg, "svd")) is not None:
         wxb = read_results(cfg, "weight_bias")
         figures["Singular-value spectra of the linear maps"] = report.spectra_plot(read_results(cfg, "singular_values"), out)
         figures["Weight vs bias by manipulation family"] = report.weight_bias_plot(wxb.assign(group=wxb["family"]), out)
         figures["Rank-k truncations of W"] = report.truncation_plot(read_results(cfg, "truncation"), out)
         tables["SVD measures"] = read_results(cfg, "svd").drop(columns=["run", "dataset"])
-    if store.open_table(results_uri(cfg, "reconstructions")) is not None:  # featmap recon-eval
+    if tables.open_table(results_uri(cfg, "reconstructions")) is not None:  # featmap recon-eval
         recon = read_results(cfg, "reconstructions")
         tables.update({f"Reconstructions: {metric} against the manipulated image (mean over sources)": t
                        for metric, t in report.recon_tables(recon).items()})
-        st = store.Store(cfg.storage)
+        st = tables.Store(cfg.storage)
         keys = set(zip(recon["source_id"], recon["variant"], strict=True))
-        stored = st.rows(st.images_uri, keys, ["image"]).to_pylist()
+        stored = st.rows(st.layout.images, keys, ["image"]).to_pylist()
         manipulated = {(r["source_id"], r["variant"]): imageio.decode_png_rgb(r["image"]) for r in stored}
         figures["Reconstructions: manipulated image, FeatInv of the true target, mapped, noise control, baseline"] = (
             report.recon_grids(recon, manipulated, out))
@@ -381,7 +382,7 @@ def write_report(cfg: Config, out: Path) -> int:
 def _featinv_viz_figures(cfg: Config, out: Path) -> dict[str, list[Path]]:
     """`featmap featinv-viz`'s files copied into the report (it rebuilds the report folder as a whole), and
     its grids as figures; nothing when the command has not run."""
-    from featmap_ray.featinv.viz_stage import output_dir
+    from featmap_ray.stages.featinv_viz import output_dir
 
     viz = output_dir(cfg)
     if not (viz / "results.json").exists():

@@ -38,10 +38,11 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from featmap_ray import backbones, store, tracking
+from featmap_ray import backbones
 from featmap_ray.config import Config
 from featmap_ray.featinv import data, metrics
-from featmap_ray.storage import Location
+from featmap_ray.io import tables, tracking
+from featmap_ray.io.files import Location
 
 if TYPE_CHECKING:
     from featmap_ray.featinv.pipeline import FeatInvPipeline
@@ -66,9 +67,9 @@ def decode_views(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
 def attach_views(batch: pa.Table, storage: str, size: int) -> dict[str, np.ndarray]:
     """Ray Data UDF: stored feature maps + the views of their images (looked up by key)."""
     keys = list(zip(batch["source_id"].to_pylist(), batch["variant"].to_pylist(), strict=True))
-    views = data.stored_views(store.Store(storage), keys, size)
+    views = data.stored_views(tables.Store(storage), keys, size)
     have = [i for i, k in enumerate(keys) if k in views]  # a map without its image cannot be a training pair
-    features = store.tensor_numpy(batch["feature"])[have]
+    features = tables.tensor_numpy(batch["feature"])[have]
     pixels = np.stack([views[keys[i]] for i in have]) if have else np.zeros((0, size, size, 3), np.uint8)
     return {"pixels": pixels, "feature": features}
 
@@ -78,12 +79,12 @@ def training_dataset(cfg: Config):
     tr = cfg.featinv.training
     request, layer = data.featinv_backbone(cfg)
     size = backbones.get_spec(request.name).input_size
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     where = data.selection(tr.split, tr.variants)
     if tr.features_source == "on_the_fly":
-        uri, columns, udf, kwargs = st.images_uri, ["image"], decode_views, {"size": size}
+        uri, columns, udf, kwargs = st.layout.images, ["image"], decode_views, {"size": size}
     else:
-        uri, columns = st.features_uri(request.name, layer), ["source_id", "variant", "feature"]
+        uri, columns = st.layout.features(request.name, layer), ["source_id", "variant", "feature"]
         udf, kwargs = attach_views, {"storage": cfg.storage, "size": size}
     if st.count(uri, filter=where) == 0:
         raise FileNotFoundError(f"no training rows in {uri}" + (f" where {where}" if where else "") + ": run `featmap "
@@ -163,12 +164,12 @@ def _mlflow_run(cfg: Config, run_id: str | None, rank: int) -> Iterator[str | No
         return
     import mlflow
 
-    from featmap_ray import tracking
+    from featmap_ray.io import tracking
 
     if run_id is None:
-        st = store.Store(cfg.storage)  # what training_dataset reads: the images, and the features table
+        st = tables.Store(cfg.storage)  # what training_dataset reads: the images, and the features table
         request, layer = data.featinv_backbone(cfg)
-        tables = [st.images_uri] + ([st.features_uri(request.name, layer)]
+        tables = [st.layout.images] + ([st.layout.features(request.name, layer)]
                                     if cfg.featinv.training.features_source == "table" else [])
         with tracking.stage_run(cfg, f"{STAGE}:{cfg.featinv.training.run_name}", tracking.table_inputs(cfg, tables),
                                 context="training") as run:
@@ -317,7 +318,7 @@ def run(cfg: Config) -> TrainSummary:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from featmap_ray import tracking
+    from featmap_ray.io import tracking
 
     tr = cfg.featinv.training
     request, _ = data.featinv_backbone(cfg)  # a bad backbone, layer or weight file fails here

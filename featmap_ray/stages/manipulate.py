@@ -11,12 +11,14 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from featmap_ray import imageio, store
 from featmap_ray.config import Config
-from featmap_ray.manipulations.direct import Manipulation, derive_seed
+from featmap_ray.io import imageio, tables
+from featmap_ray.manipulations.direct import Manipulation
+from featmap_ray.seeding import derive_seed
+from featmap_ray.stages import base
 
 STAGE = "manipulate"
-BATCH_SCHEMA = store.with_error_columns(store.IMAGES_SCHEMA)
+BATCH_SCHEMA = tables.with_error_columns(tables.IMAGES_SCHEMA)
 CARRIED = ("source_id", "dataset", "split", "class_idx", "class_name", "source_path")
 
 
@@ -47,16 +49,16 @@ def manipulate_batch(batch: pa.Table, manipulations: dict[str, Manipulation], pe
 def failure_row(original: dict, variant: str, error: Exception) -> dict:
     """The row of a variant that could not be made: the sink records it in the errors table."""
     return {"source_id": original["source_id"], "variant": variant, "source_path": original["source_path"],
-            **store.failure(type(error).__name__, f"{variant} of {original['source_id']}: {error}")}
+            **tables.failure(type(error).__name__, f"{variant} of {original['source_id']}: {error}")}
 
 
-def run(cfg: Config) -> store.StageSummary:
-    st = store.Store(cfg.storage)
+def run(cfg: Config) -> base.StageSummary:
+    st = tables.Store(cfg.storage)
     manipulations = {m.name: m for m in cfg.manipulate.manipulations()}
-    originals = [s for s, _ in st.keys(st.images_uri, filter=f"variant = '{store.ORIGINAL}'")]
+    originals = [s for s, _ in st.keys(st.layout.images, filter=f"variant = '{tables.ORIGINAL}'")]
     if not originals:
-        raise FileNotFoundError(f"no original images in {st.images_uri}: run `featmap ingest` first")
-    done = st.keys(st.images_uri, filter=f"variant != '{store.ORIGINAL}'")
+        raise FileNotFoundError(f"no original images in {st.layout.images}: run `featmap ingest` first")
+    done = st.keys(st.layout.images, filter=f"variant != '{tables.ORIGINAL}'")
     pending: dict[str, list[str]] = {}
     for sid in originals:
         todo = [name for name in manipulations if (sid, name) not in done]
@@ -65,9 +67,9 @@ def run(cfg: Config) -> store.StageSummary:
     n_pending = sum(map(len, pending.values()))
     ds = None
     if pending:
-        ds = st.read_ray(st.images_uri, filter=f"variant = '{store.ORIGINAL}'").map_batches(
+        ds = st.read_ray(st.layout.images, filter=f"variant = '{tables.ORIGINAL}'").map_batches(
             manipulate_batch, batch_size=cfg.manipulate.batch_size, batch_format="pyarrow",
             fn_kwargs={"manipulations": manipulations, "pending": pending, "base_seed": cfg.manipulate.seed})
     skipped = len(originals) * len(manipulations) - n_pending
-    return store.write_stage(st, STAGE, ds, [store.Target(st.images_uri, store.IMAGES_SCHEMA)],
+    return base.write_stage(st, STAGE, ds, [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)],
                              rows_per_commit=256, skipped=skipped)

@@ -18,16 +18,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from featmap_ray import imageio, runtime, store
+from featmap_ray import runtime
 from featmap_ray.config import Config, EditConfig
+from featmap_ray.io import imageio, tables
 from featmap_ray.manipulations import semantic
-from featmap_ray.manipulations.direct import derive_seed
-from featmap_ray.manipulations.stage import BATCH_SCHEMA, CARRIED, failure_row
+from featmap_ray.seeding import derive_seed
+from featmap_ray.stages import base
+from featmap_ray.stages.manipulate import BATCH_SCHEMA, CARRIED, failure_row
 
 STAGE = "edit"
 FAMILY = "semantic"
 # One pending edit: the original's labels and pixels, the variant, its instruction and seed.
-TASK_SCHEMA = pa.schema([*(store.IMAGES_SCHEMA.field(k) for k in (*CARRIED, "image", "variant", "seed")),
+TASK_SCHEMA = pa.schema([*(tables.IMAGES_SCHEMA.field(k) for k in (*CARRIED, "image", "variant", "seed")),
                          pa.field("prompt", pa.string()), pa.field("name", pa.string()), pa.field("repeat", pa.int32())])
 
 
@@ -56,9 +58,9 @@ def edit_params(plan: semantic.PlannedEdit, settings: dict) -> str:
     return json.dumps({"prompt": plan.prompt, "name": plan.name, "repeat": plan.repeat, **settings}, sort_keys=True)
 
 
-def with_originals(tasks: pa.Table, st: store.Store) -> pa.Table:
+def with_originals(tasks: pa.Table, st: tables.Store) -> pa.Table:
     """Ray Data UDF (CPU): edit tasks -> the same tasks with their original's labels and stored image."""
-    originals = {r["source_id"]: r for r in st.rows(st.images_uri, [(sid, store.ORIGINAL) for sid in
+    originals = {r["source_id"]: r for r in st.rows(st.layout.images, [(sid, tables.ORIGINAL) for sid in
                                                                     tasks["source_id"].to_pylist()],
                                                     columns=[c for c in (*CARRIED, "image") if c != "source_id"]).to_pylist()}
     rows = [{**originals[task["source_id"]], **task} for task in tasks.to_pylist()]
@@ -99,41 +101,41 @@ class SemanticEditor:
                 "width": image.width, "height": image.height}
 
 
-def check_stored_settings(st: store.Store, plans: list[semantic.PlannedEdit], settings: dict) -> None:
+def check_stored_settings(st: tables.Store, plans: list[semantic.PlannedEdit], settings: dict) -> None:
     """Stored edits under these variant ids must have been made with these prompts and settings: a re-run
     that changed them would otherwise mix two kinds of edit under one name."""
-    table = st.open(st.images_uri).to_table(columns=["variant", "params"],
-                                            filter=f"variant IN ({store.sql_list(p.variant for p in plans)})")
+    table = st.open(st.layout.images).to_table(columns=["variant", "params"],
+                                            filter=f"variant IN ({tables.sql_list(p.variant for p in plans)})")
     expected = {p.variant: json.loads(edit_params(p, settings)) for p in plans}
     for variant, params in sorted(set(zip(table["variant"].to_pylist(), table["params"].to_pylist(), strict=True))):
         stored = json.loads(params)
         changed = sorted(k for k in expected[variant].keys() | stored.keys() if stored.get(k) != expected[variant].get(k))
         if changed:
             raise EditSettingsChanged(
-                f"{st.images_uri} holds {variant} edits made with other {changed} "
+                f"{st.layout.images} holds {variant} edits made with other {changed} "
                 f"({', '.join(f'{k}={stored.get(k)!r}' for k in changed)}; this config: "
                 f"{', '.join(f'{k}={expected[variant].get(k)!r}' for k in changed)}): use another edit.prefix "
                 f"or delete those rows")
 
 
-def run(cfg: Config) -> store.StageSummary:
+def run(cfg: Config) -> base.StageSummary:
     import ray.data
 
     edit = cfg.edit
     pipeline_class = semantic.check(edit)  # the model is here and suits the settings: before anything is read
-    st = store.Store(cfg.storage)
-    originals = st.open(st.images_uri).to_table(columns=["source_id", "dataset", "split", "class_idx"],
-                                                filter=f"variant = '{store.ORIGINAL}'")
+    st = tables.Store(cfg.storage)
+    originals = st.open(st.layout.images).to_table(columns=["source_id", "dataset", "split", "class_idx"],
+                                                filter=f"variant = '{tables.ORIGINAL}'")
     datasets = sorted(set(originals["dataset"].to_pylist()) & set(edit.prompts))
     if not datasets:
         raise ValueError(f"edit.prompts names datasets {sorted(edit.prompts)}, the images table "
-                         f"{st.images_uri} holds originals of {sorted(set(originals['dataset'].to_pylist()))}")
+                         f"{st.layout.images} holds originals of {sorted(set(originals['dataset'].to_pylist()))}")
     settings = semantic.recorded_settings(edit, pipeline_class)
     plans = {d: semantic.planned_edits(edit, d) for d in datasets}
     check_stored_settings(st, [p for d in datasets for p in plans[d]], settings)
     chosen = choose_sources(originals.filter(pc.is_in(originals["dataset"], pa.array(datasets))), edit)
     dataset_of = dict(zip(originals["source_id"].to_pylist(), originals["dataset"].to_pylist(), strict=True))
-    done = st.keys(st.images_uri, filter=f"family = '{FAMILY}'")
+    done = st.keys(st.layout.images, filter=f"family = '{FAMILY}'")
     pending = {}
     for sid in chosen:
         todo = [p for p in plans[dataset_of[sid]] if (sid, p.variant) not in done]
@@ -155,5 +157,5 @@ def run(cfg: Config) -> store.StageSummary:
                          resources=edit.resources or None)
         )
     skipped = sum(len(plans[dataset_of[sid]]) for sid in chosen) - n_pending
-    return store.write_stage(st, STAGE, ds, [store.Target(st.images_uri, store.IMAGES_SCHEMA)],
+    return base.write_stage(st, STAGE, ds, [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)],
                              rows_per_commit=edit.rows_per_commit, skipped=skipped)

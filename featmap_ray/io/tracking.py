@@ -166,9 +166,9 @@ def table_input(cfg: Config, uri: str, version: int | None = None) -> TableInput
     """The table at `uri` as an input, at `version` (None: its current version); None when the
     table does not exist."""
     if version is None:
-        from featmap_ray import store
+        from featmap_ray.io import tables
 
-        table = store.Store(cfg.storage).open(uri)
+        table = tables.Store(cfg.storage).open(uri)
         if table is None:
             return None
         version = table.version
@@ -365,7 +365,7 @@ def child_run(cfg: Config, name: str, tags: dict[str, str], *, parent: str | Non
     layer) as its input. Returns (client, run_id)."""
     from mlflow.entities import Param
 
-    from featmap_ray import store
+    from featmap_ray.io import tables
 
     client = _client(cfg)
     exp = experiment_id(cfg)
@@ -382,7 +382,7 @@ def child_run(cfg: Config, name: str, tags: dict[str, str], *, parent: str | Non
         run_id = client.create_run(exp, run_name=name, tags=all_tags).info.run_id
         client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
     if "backbone" in tags and "layer" in tags:
-        uri = store.Store(cfg.storage).features_uri(tags["backbone"], tags["layer"])
+        uri = tables.Store(cfg.storage).layout.features(tags["backbone"], tags["layer"])
         log_table_inputs(client, run_id, [table_input(cfg, uri)], "training")
     return client, run_id
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from featmap_ray import store, tracking
 from featmap_ray.config import Config, MappingTraining
-from featmap_ray.mapping import artefacts, grid, train
-from featmap_ray.storage import Location
+from featmap_ray.io import tables, tracking
+from featmap_ray.io.files import Location
+from featmap_ray.mapping import artefacts, grid
+from featmap_ray.stages import mapping_train as train
 
 DOMAINS = ("loguniform", "uniform", "choice", "randint", "grid")
 
@@ -115,11 +116,11 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from featmap_ray.mapping.fit import check_tables, max_concurrent, trial_resources, tune_run_config
+    from featmap_ray.stages.fit import check_tables, max_concurrent, trial_resources, tune_run_config
 
     spec = base_spec(cfg)
     space = search_space(cfg, spec)
-    check_tables(store.Store(cfg.storage), [spec])
+    check_tables(tables.Store(cfg.storage), [spec])
     check = train.plan_group(cfg, [spec], name="check")  # the pairs exist; normalisation statistics computed once, here
     sw = cfg.mapping.sweep
     # The sweep stage run, under the study's run; each trial's mapping run nests under it.

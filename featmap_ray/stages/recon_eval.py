@@ -15,11 +15,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from featmap_ray import imageio, runtime, store, tracking
+from featmap_ray import runtime
 from featmap_ray.config import Config
 from featmap_ray.evaluation import image_metrics
 from featmap_ray.featinv import data, metrics
-from featmap_ray.manipulations.direct import derive_seed
+from featmap_ray.io import imageio, tables, tracking
+from featmap_ray.seeding import derive_seed
+from featmap_ray.stages import base
 
 STAGE = "recon-eval"
 RESULTS = "reconstructions"  # results/<study>/reconstructions.lance
@@ -39,7 +41,7 @@ def metric_column(reference: str, kind: str, metric: str) -> str:
 def results_schema(lpips: bool) -> pa.Schema:
     metric_names = (*METRICS, "lpips") if lpips else METRICS
     return pa.schema(
-        [store.key_field("run"), store.key_field("source_id"), pa.field("variant", pa.string()),
+        [tables.key_field("run"), tables.key_field("source_id"), pa.field("variant", pa.string()),
          pa.field("dataset", pa.string()), pa.field("split", pa.string()), pa.field("class_idx", pa.int32()),
          pa.field("family", pa.string()), pa.field("backbone", pa.string()), pa.field("layer", pa.string()),
          pa.field("group", pa.string()), pa.field("model", pa.string()), pa.field("seed", pa.int64()),
@@ -61,9 +63,9 @@ class ReconEvaluator:
         self.pipe.set_progress_bar_config(disable=True)
         self.judge = metrics.BackboneProbe(rc.judge, rc.judge_layer, self.device)
         self.lpips = image_metrics.lpips_metric(rc.lpips_weights) if rc.lpips_weights else None
-        self.cfg, self.runs, self.schema = cfg, runs, store.with_error_columns(schema)
+        self.cfg, self.runs, self.schema = cfg, runs, tables.with_error_columns(schema)
         self.models: dict[str, torch.nn.Module] = {}
-        self.store = store.Store(cfg.storage)
+        self.store = tables.Store(cfg.storage)
 
     def _model(self, key: str) -> torch.nn.Module:
         from featmap_ray.mapping.artefacts import load_run
@@ -79,7 +81,7 @@ class ReconEvaluator:
             try:
                 out += self._score_run(key, tasks)
             except Exception as e:  # e.g. out of memory: these pairs fail, the job goes on
-                out += [{**t, **store.failure(type(e).__name__, f"recon-eval of {key} / {t['source_id']}: {e}")}
+                out += [{**t, **tables.failure(type(e).__name__, f"recon-eval of {key} / {t['source_id']}: {e}")}
                         for t in tasks]
         return pa.Table.from_pylist(out, schema=self.schema)
 
@@ -112,7 +114,7 @@ class ReconEvaluator:
 
         maps, change = self._maps(key, tasks)
         finite = np.all([np.isfinite(m.reshape(len(tasks), -1)).all(axis=1) for m in maps.values()], axis=0)
-        rows = [{**t, **store.failure("non_finite", f"recon-eval of {key} / {t['source_id']}: a feature map "
+        rows = [{**t, **tables.failure("non_finite", f"recon-eval of {key} / {t['source_id']}: a feature map "
                                                     f"({', '.join(maps)}) has NaN or Inf values")}
                 for t, ok in zip(tasks, finite, strict=True) if not ok]
         tasks = [t for t, ok in zip(tasks, finite, strict=True) if ok]
@@ -128,11 +130,11 @@ class ReconEvaluator:
                            controlnet_conditioning_scale=s.control_scale).images
         recon = {k: images[i * len(tasks):(i + 1) * len(tasks)] for i, k in enumerate(kinds)}
         variant = self.runs[key]["manipulation"]
-        stored = self.store.rows(self.store.images_uri, [(t["source_id"], v) for t in tasks
-                                                         for v in (store.ORIGINAL, variant)], ["image", "family"])
+        stored = self.store.rows(self.store.layout.images, [(t["source_id"], v) for t in tasks
+                                                         for v in (tables.ORIGINAL, variant)], ["image", "family"])
         stored = {(r["source_id"], r["variant"]): r for r in stored.to_pylist()}
         for j, task in enumerate(tasks):
-            original = imageio.decode_png_rgb(stored[task["source_id"], store.ORIGINAL]["image"])
+            original = imageio.decode_png_rgb(stored[task["source_id"], tables.ORIGINAL]["image"])
             manip = imageio.decode_png_rgb(stored[task["source_id"], variant]["image"])
             size = (manip.shape[1], manip.shape[0])
             # The reference compares at the manipulated image's size: reconstructions resized (PIL bicubic).
@@ -177,7 +179,7 @@ def plan(cfg: Config) -> dict[str, dict]:
         if unknown:
             raise ValueError(f"evaluate.reconstruction.runs: {unknown} are not finished runs of study "
                              f"{cfg.mapping.study!r}; finished: {sorted(finished)[:10]}")
-    st, runs = store.Store(cfg.storage), {}
+    st, runs = tables.Store(cfg.storage), {}
     for key in rc.runs if rc.runs is not None else sorted(finished):
         spec = RunSpec.from_dict(read_info(finished[key])["spec"])  # the spec only: models load in the actors
         if (spec.backbone, spec.layer) != (request.name, layer):
@@ -199,18 +201,18 @@ def plan(cfg: Config) -> dict[str, dict]:
     return runs
 
 
-def run(cfg: Config) -> store.StageSummary:
+def run(cfg: Config) -> base.StageSummary:
     import ray.data
 
-    from featmap_ray.evaluation.stages import results_uri
+    from featmap_ray.stages.evaluate import results_uri
 
     rc = cfg.evaluate.reconstruction
     runs = plan(cfg)
     schema = results_schema(rc.lpips_weights is not None)
     uri = results_uri(cfg, RESULTS)
-    store.check_schema(uri, schema)
+    tables.check_schema(uri, schema)
     done = set()
-    if (table := store.open_table(uri)) is not None:
+    if (table := tables.open_table(uri)) is not None:
         keys = table.to_table(columns=["run", "source_id"])
         done = set(zip(keys["run"].to_pylist(), keys["source_id"].to_pylist(), strict=True))
     tasks = [{"run": key, "source_id": info["pairs"].source_ids[i], "variant": info["manipulation"],
@@ -218,16 +220,16 @@ def run(cfg: Config) -> store.StageSummary:
               "seed": cfg.featinv.sampling.seed, **info["labels"]}
              for key, info in runs.items() for i in info["rows"] if (key, info["pairs"].source_ids[i]) not in done]
     total = sum(len(info["rows"]) for info in runs.values())
-    st = store.Store(cfg.storage)
+    st = tables.Store(cfg.storage)
     run_id = tracking.study_stage_run(cfg, STAGE, tracking.table_inputs(
-        cfg, [st.images_uri, *(info["pairs"].uri for info in runs.values())]), context="evaluation")
+        cfg, [st.layout.images, *(info["pairs"].uri for info in runs.values())]), context="evaluation")
     ds = None
     if tasks:
         ds = (ray.data.from_items(tasks, override_num_blocks=max(1, -(-len(tasks) // rc.batch_size)))
               .map_batches(ReconEvaluator, batch_size=rc.batch_size, batch_format="pyarrow",
                            fn_constructor_args=(cfg, runs, schema),
                            compute=ray.data.ActorPoolStrategy(size=rc.num_actors), num_gpus=rc.num_gpus))
-    summary = store.write_stage(st, STAGE, ds, [store.Target(uri, schema, key=("run", "source_id"))],
+    summary = base.write_stage(st, STAGE, ds, [tables.Target(uri, schema, key=("run", "source_id"))],
                                 rows_per_commit=rc.rows_per_commit, skipped=total - len(tasks))
     tracking.end_stage_run(cfg, run_id, {"written": sum(summary.written.values()), "failed": summary.failed},
                            inputs=tracking.table_inputs(cfg, [uri]))

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from featmap_ray import store
 from featmap_ray.config import Config
+from featmap_ray.io import tables
 from featmap_ray.mapping import data
 from featmap_ray.mapping.artefacts import finished_runs, load_run, read_info, runs_root
 from featmap_ray.mapping.grid import RunSpec
@@ -32,7 +32,7 @@ class _MapWithRun:
         n = batch.num_rows
         return pa.table({"source_id": batch["source_id"], "variant": [self.manipulation] * n,
                          "split": [self.split] * n, "class_idx": batch["class_idx"],
-                         "feature": store.tensor_array(mapped)})
+                         "feature": tables.tensor_array(mapped)})
 
 
 def mapped_features(cfg: Config, run_key: str, split: str = "test"):
@@ -46,7 +46,7 @@ def mapped_features(cfg: Config, run_key: str, split: str = "test"):
         raise FileNotFoundError(f"no finished mapping run {run_key!r} in study {cfg.mapping.study!r}; "
                                 f"finished: {finished[:10]}")
     spec = RunSpec.from_dict(info["spec"])
-    pairs = data.load_pairs(store.Store(cfg.storage), dataset=spec.dataset, backbone=spec.backbone, layer=spec.layer,
+    pairs = data.load_pairs(tables.Store(cfg.storage), dataset=spec.dataset, backbone=spec.backbone, layer=spec.layer,
                             manipulation=spec.manipulation, split=split)
     if len(pairs) == 0:
         raise ValueError(f"mapping run {run_key}: no {split} pairs to map")

@@ -1,0 +1,1 @@
+"""Storage access: Lance tables, files under the storage root, image decoding, MLflow."""

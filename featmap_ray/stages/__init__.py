@@ -1,0 +1,1 @@
+"""One module per `featmap` command: the Ray adapters around the domain code."""

@@ -1,0 +1,330 @@
+"""The stage contract: what every `featmap` command declares, and the provenance rule they all follow.
+
+A `Stage` names its command, help and the config keys it reads, the checks that run before Ray
+starts, its body, and (for `featmap status`) how to tell whether what it wrote is up to date. The
+CLI, `jobs/`, `featmap info`/`status` and the README's command table are built from `registry()`.
+
+Provenance. Every resumable output records the settings that made it. A table's rows come in
+groups (`Group`: the rows one set of settings made, e.g. one variant of the images table, or one
+variant of a features table), and the table's schema metadata holds each group's `Provenance`:
+its own settings and the fingerprints of the input groups it read. Before writing, `reconcile`
+compares what is stored with what this run would make:
+  same fingerprint      -> resume: only missing keys are computed;
+  other fingerprint     -> refuse before writing anything (`ProvenanceMismatch`, naming each
+                           setting that changed, old -> new), unless `overwrite` is set: then
+                           exactly that group's rows are deleted and recomputed;
+  group not stored yet  -> recorded, then written (a setting that is part of the key, such as a
+                           manipulation's parameter, makes another group: written alongside).
+The provenance is recorded before the rows, so a killed run leaves rows that match the recorded
+settings, and re-running it resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from featmap_ray import seeding
+from featmap_ray.config import Config
+from featmap_ray.io import tables
+
+# The commands, in the order `featmap --help` lists them; each is the module `stages/<name>.py`
+# (dashes as underscores) holding a `STAGE`.
+COMMANDS = ("ingest", "manipulate", "edit", "extract", "pipeline", "fit", "sweep", "evaluate", "analyze", "report",
+            "study", "featinv-train", "reconstruct", "recon-eval", "featinv-viz", "serve", "featinv-import", "info",
+            "status")
+
+
+# -- provenance ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made a group of outputs: the stage's own settings, and the fingerprints of what it read
+    (`inputs`: "<table or artefact>#<group>" -> that group's fingerprint)."""
+
+    settings: dict[str, Any]
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return seeding.fingerprint({"settings": self.settings, "inputs": self.inputs})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"settings": self.settings, "inputs": self.inputs, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Provenance:
+        return cls(data.get("settings", {}), data.get("inputs", {}))
+
+    def changes(self, old: Provenance | None) -> list[str]:
+        """Each difference from `old`, as "setting: old -> new" (inputs: "input X changed")."""
+        if old is None:
+            return ["no provenance recorded (made by an older featmap-ray, or by hand)"]
+        out = []
+        for key in sorted(old.settings.keys() | self.settings.keys()):
+            before, after = old.settings.get(key, "(unset)"), self.settings.get(key, "(unset)")
+            if _canonical(before) != _canonical(after):
+                out.append(f"{key}: {_short(before)} -> {_short(after)}")
+        for key in sorted(old.inputs.keys() | self.inputs.keys()):
+            before, after = old.inputs.get(key), self.inputs.get(key)
+            if before != after and before is not None and after is not None:
+                out.append(f"input {key} changed (made by other settings: {before} -> {after})")
+            elif before is None and after is not None:
+                out.append(f"input {key}: not read before")
+            elif after is None:
+                out.append(f"input {key}: no longer read")
+        return out
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else _canonical(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True)
+class Group:
+    """Rows of one table made by one set of settings: `filter` (Lance SQL) selects them, None: all rows."""
+
+    name: str
+    provenance: Provenance
+    filter: str | None = None
+
+
+class ProvenanceMismatch(ValueError):
+    """Stored outputs were made by other settings: nothing was written."""
+
+
+@dataclass
+class Mismatch:
+    uri: str
+    group: Group
+    stored: Provenance | None
+    rows: int
+
+
+def group_filter(column: str, value: str) -> str:
+    return f"{column} = {tables.sql_list([value])}"
+
+
+def stale_groups(uri: str, groups: list[Group]) -> list[Mismatch]:
+    """The groups of `uri` whose stored rows were made by other settings (or by unrecorded ones)."""
+    ds = tables.open_table(uri)
+    if ds is None:
+        return []
+    stored = tables.read_provenance(ds)
+    out = []
+    for g in groups:
+        old = stored.get(g.name)
+        if old is not None and old.get("fingerprint") == g.provenance.fingerprint:
+            continue
+        rows = ds.count_rows(filter=g.filter)
+        if old is None and rows == 0:
+            continue  # a new group: written alongside
+        if old is not None and rows == 0:
+            continue  # recorded, but none of its rows stored yet: nothing to mix with
+        out.append(Mismatch(uri, g, None if old is None else Provenance.from_json(old), rows))
+    return out
+
+
+def mismatch_message(stage: str, mismatches: list[Mismatch]) -> str:
+    """Every group that changed, with its changes, and the two ways out."""
+    lines = [f"{stage}: stored outputs were made by other settings; nothing was written."]
+    by_change: dict[tuple[str, tuple[str, ...]], list[Mismatch]] = {}
+    for m in mismatches:
+        by_change.setdefault((m.uri, tuple(m.group.provenance.changes(m.stored))), []).append(m)
+    for (uri, changes), ms in by_change.items():
+        names = ", ".join(m.group.name for m in ms[:4]) + (f" and {len(ms) - 4} more" if len(ms) > 4 else "")
+        lines.append(f"  {uri} [{names}] ({sum(m.rows for m in ms)} rows):")
+        lines += [f"    {c}" for c in changes]
+    lines.append("Either use another storage root (storage=...), or pass --overwrite (overwrite=true) to recompute "
+                 "exactly these rows and what depends on them.")
+    return "\n".join(lines)
+
+
+def reconcile(stage: str, plans: list[tuple[tables.Target, list[Group]]], *, overwrite: bool) -> list[Mismatch]:
+    """Prepare every target table of a stage for this run's groups; refuse before writing anything.
+
+    Checks all targets first: any group stored with other settings raises ProvenanceMismatch unless
+    `overwrite`. Then each table is created if missing, the stale groups' rows are deleted (overwrite),
+    and every group's provenance is recorded. Returns the overwritten groups."""
+    mismatches = [m for target, groups in plans for m in stale_groups(target.uri, groups)]
+    if mismatches and not overwrite:
+        raise ProvenanceMismatch(mismatch_message(stage, mismatches))
+    for target, groups in plans:
+        tables.ensure_table(target.uri, target.schema)
+        for m in mismatches:
+            if m.uri == target.uri:
+                tables.delete_rows(target.uri, m.group.filter)
+        tables.write_provenance(target.uri, {g.name: g.provenance.to_json() for g in groups})
+    return mismatches
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+@dataclass
+class OutputStatus:
+    """One output of a stage, as `featmap status` shows it."""
+
+    stage: str
+    output: str  # a table URI or a folder
+    state: str  # "up to date" | "stale" | "missing" | "partial"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"  {self.state:<10} {self.stage:<14} {self.output}" + (f"\n{'':<28}{self.detail}" if self.detail else "")
+
+
+def table_status(stage: str, uri: str, groups: list[Group], expected: dict[str, int] | None = None) -> OutputStatus:
+    """A table's state against this config's groups: stale when a stored group has another fingerprint
+    (naming the first change), partial when a group holds fewer rows than `expected[group]`."""
+    ds = tables.open_table(uri)
+    if ds is None:
+        return OutputStatus(stage, uri, "missing")
+    stale = stale_groups(uri, groups)
+    if stale:
+        first = stale[0]
+        changes = first.group.provenance.changes(first.stored)
+        return OutputStatus(stage, uri, "stale", f"{len(stale)} group(s), e.g. {first.group.name}: {'; '.join(changes[:3])}")
+    if expected:
+        have = sum(min(ds.count_rows(filter=g.filter), expected.get(g.name, 0)) for g in groups)
+        want = sum(expected.get(g.name, 0) for g in groups)
+        if have < want:
+            return OutputStatus(stage, uri, "partial", f"{have} of {want} rows")
+    return OutputStatus(stage, uri, "up to date", f"{ds.count_rows()} rows")
+
+
+# -- the contract ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """One `featmap` command."""
+
+    name: str
+    summary: str  # one line in `featmap --help`
+    run: Callable[[Config], object] | None = None  # the body: what it returns is printed
+    details: str = ""  # more in `featmap NAME --help`
+    keys: tuple[str, ...] = ()  # config sections / keys it reads (dotted paths into Config)
+    checks: tuple[Callable[[Config], None], ...] = ()  # before Ray starts and before anything is written
+    reads: tuple[str, ...] = ()  # the artefacts it reads (Layout names), for the docs
+    writes: tuple[str, ...] = ()  # the artefacts it writes (Layout names)
+    status: Callable[[Config], list[OutputStatus]] | None = None  # for `featmap status`
+    steps: tuple[str, ...] = ()  # a composite command (pipeline, study): the stages it runs, in order
+    starts_ray: bool = True
+    # A command that takes its own arguments instead of --config (featinv-import): adds them, and
+    # its `main` gets the parsed namespace.
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    main: Callable[[argparse.Namespace], int] | None = None
+
+
+def module_name(command: str) -> str:
+    return "featmap_ray.stages." + command.replace("-", "_")
+
+
+def registry() -> dict[str, Stage]:
+    """Every command's Stage, in `COMMANDS` order (imports the stage modules)."""
+    out = {}
+    for command in COMMANDS:
+        stage = importlib.import_module(module_name(command)).STAGE
+        if stage.name != command:
+            raise RuntimeError(f"{module_name(command)}.STAGE is named {stage.name!r}, not {command!r}")
+        out[command] = stage
+    return out
+
+
+# -- writing rows through Ray Data ------------------------------------------------------------------
+
+@dataclass
+class StageSummary:
+    stage: str
+    written: dict[str, int]
+    skipped: int
+    failed: int
+    errors_uri: str
+    overwritten: int = 0  # rows of stale groups deleted and recomputed (--overwrite)
+
+    def __str__(self) -> str:
+        lines = [f"[{self.stage}] rows written:"]
+        lines += [f"    {n:>7}  {uri}" for uri, n in self.written.items()] or ["    0"]
+        lines.append(f"  skipped as already stored: {self.skipped}")
+        if self.overwritten:
+            lines.append(f"  recomputed (--overwrite): {self.overwritten} rows made by other settings")
+        lines.append(f"  failed: {self.failed}" + (f"  (reasons in {self.errors_uri}, stage '{self.stage}')" if self.failed else ""))
+        return "\n".join(lines)
+
+
+class KeyedLanceSink(Datasink):
+    """Ray Data sink: each write task commits its successful rows to every target, atomically,
+    and returns its failed rows (small) to the driver, which records them in the errors table."""
+
+    def __init__(self, targets: list[tables.Target], rows_per_commit: int):
+        self.targets = targets
+        self.rows_per_commit = rows_per_commit
+        self.written: dict[str, int] = {t.uri: 0 for t in targets}
+        self.failed: list[dict[str, Any]] = []
+        self.succeeded: list[str] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_commit
+
+    def get_name(self) -> str:
+        return "LanceCommit"
+
+    def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        for target in self.targets:
+            tables.ensure_table(target.uri, target.schema)
+
+    def write(self, blocks, ctx) -> dict[str, Any]:
+        blocks = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        blocks = [t for t in blocks if t.num_rows]
+        if not blocks:
+            return {"written": {}, "failed": [], "succeeded": []}
+        batch = pa.concat_tables(blocks, promote_options="permissive")
+        failed = pc.is_valid(batch["error_reason"])
+        ok = batch.filter(pc.invert(failed))
+        written = {}
+        for target in self.targets:
+            rows = target.rows(ok)
+            written[target.uri] = tables.commit_new_rows(target.uri, rows, target.key) if rows.num_rows else 0
+        bad = batch.filter(failed)
+        failed_rows = [
+            {"key": tables.key_string(r["source_id"], r["variant"]), "source_id": r["source_id"], "variant": r["variant"],
+             "path": r.get("source_path"), "reason": r["error_reason"], "message": r["error_message"]}
+            for r in bad.select([c for c in ("source_id", "variant", "source_path", *tables.ERROR_COLUMNS) if c in bad.column_names]).to_pylist()
+        ]
+        succeeded = [tables.key_string(s, v) for s, v in tables.row_keys(ok)]
+        return {"written": written, "failed": failed_rows, "succeeded": succeeded}
+
+    def on_write_complete(self, write_result) -> None:
+        for result in write_result.write_returns:
+            for uri, n in result["written"].items():
+                self.written[uri] += n
+            self.failed.extend(result["failed"])
+            self.succeeded.extend(result["succeeded"])
+
+
+def write_stage(store: tables.Store, stage: str, dataset, targets: list[tables.Target], *, rows_per_commit: int,
+                skipped: int, overwritten: int = 0) -> StageSummary:
+    """Run a Ray Data pipeline into `targets` (None: nothing pending), record its failures and
+    summarise. Each commit is one fragment: no compaction, since Ray reads in parallel per fragment."""
+    sink = KeyedLanceSink(targets, rows_per_commit)
+    if dataset is None:
+        sink.on_write_start()
+    else:
+        dataset.write_datasink(sink)
+    store.record_errors(stage, sink.failed)
+    store.clear_errors(stage, sink.succeeded)
+    return StageSummary(stage, sink.written, skipped, len(sink.failed), store.layout.errors, overwritten)
