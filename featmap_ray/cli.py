@@ -90,16 +90,17 @@ def _evaluate(cfg: Config) -> object:
 
 
 def _analyze(cfg: Config) -> object:
+    from featmap_ray.stages import analyze
     from featmap_ray.stages import evaluate as stages
 
-    frames = stages.run_analyze(cfg)
+    frames = analyze.run_analyze(cfg)
     return "[analyze] " + ", ".join(f"{name}: {len(f)} rows in {stages.results_uri(cfg, name)}" for name, f in frames.items())
 
 
 def _report(cfg: Config) -> object:
-    from featmap_ray.stages import evaluate as stages
+    from featmap_ray.stages import report
 
-    return f"[report] {stages.run_report(cfg)}"
+    return f"[report] {report.run_report(cfg)}"
 
 
 def _featinv_train(cfg: Config) -> object:

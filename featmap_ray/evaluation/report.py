@@ -32,13 +32,13 @@ def safe_name(*parts: object) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "_", str(p)).strip("_") for p in parts)
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, out_dir: Path | str, *name: object) -> Path:
+def save_figure(fig: Figure, out_dir: Path | str, *name: object) -> Path:
     path = Path(out_dir) / f"{safe_name(*name)}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -54,7 +54,7 @@ def heatmap_figure(table: pd.DataFrame, title: str, fmt: str = ".3f") -> Figure:
     """A heatmap of table (rows x columns) with each non-missing cell annotated with its value."""
     values = table.to_numpy(dtype=float)
     n_rows, n_cols = values.shape
-    fig = _figure(1.6 + 1.0 * n_cols, 1.4 + 0.45 * n_rows)
+    fig = new_figure(1.6 + 1.0 * n_cols, 1.4 + 0.45 * n_rows)
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax)
@@ -87,7 +87,7 @@ def family_tables(evals: pd.DataFrame, metric: str) -> dict[tuple[str, str], pd.
 def family_heatmaps(evals: pd.DataFrame, metric: str, out_dir: Path | str) -> list[Path]:
     """One annotated heatmap of `family_tables` per (backbone, layer), written as
     heatmap_<metric>_<backbone>_<layer>.png."""
-    return [_save(heatmap_figure(table, f"{metric} — {backbone} {layer}"), out_dir, "heatmap", metric, backbone, layer)
+    return [save_figure(heatmap_figure(table, f"{metric} — {backbone} {layer}"), out_dir, "heatmap", metric, backbone, layer)
             for (backbone, layer), table in family_tables(evals, metric).items()]
 
 
@@ -97,7 +97,7 @@ def spectra_plot(singular_values: pd.DataFrame, out_dir: Path | str) -> list[Pat
     _check(singular_values, "singular_values", ["backbone", "layer", "manipulation", "index", "value"])
     paths = []
     for backbone, layer, group in _by_backbone_layer(singular_values):
-        fig = _figure(6, 4)
+        fig = new_figure(6, 4)
         ax = fig.add_subplot()
         for manipulation, rows in group.groupby("manipulation", sort=True):
             spectrum = rows.groupby("index")["value"].mean().sort_index()
@@ -107,7 +107,7 @@ def spectra_plot(singular_values: pd.DataFrame, out_dir: Path | str) -> list[Pat
             ax.plot(spectrum.index, spectrum / spectrum.iloc[0], label=str(manipulation))
         ax.set(xlabel="index i", ylabel="s_i / s_1", title=f"singular values — {backbone} {layer}")
         ax.legend(fontsize=7)
-        paths.append(_save(fig, out_dir, "spectra", backbone, layer))
+        paths.append(save_figure(fig, out_dir, "spectra", backbone, layer))
     return paths
 
 
@@ -123,7 +123,7 @@ def weight_bias_plot(wxb: pd.DataFrame, out_dir: Path | str, metrics: Sequence[s
     paths = []
     for backbone, layer, group in _by_backbone_layer(wxb):
         present = [m for m in metrics if m in set(group["metric"])]
-        fig = _figure(1.5 + 3.5 * len(present), 4)
+        fig = new_figure(1.5 + 3.5 * len(present), 4)
         for n, metric in enumerate(present):
             ax = fig.add_subplot(1, len(present), n + 1)
             rows = group[group["metric"] == metric]
@@ -135,7 +135,7 @@ def weight_bias_plot(wxb: pd.DataFrame, out_dir: Path | str, metrics: Sequence[s
             ax.set_xticks(range(1, len(names) + 1), [str(g) for g in names], rotation=30, ha="right")
             ax.set(title=metric, ylabel="value")
         fig.suptitle(f"weight vs bias — {backbone} {layer}")
-        paths.append(_save(fig, out_dir, "weight_bias", backbone, layer))
+        paths.append(save_figure(fig, out_dir, "weight_bias", backbone, layer))
     return paths
 
 
@@ -146,7 +146,7 @@ def truncation_plot(trunc: pd.DataFrame, out_dir: Path | str) -> list[Path]:
     paths = []
     for backbone, layer, group in _by_backbone_layer(trunc):
         metrics = sorted(group["metric"].unique())
-        fig = _figure(1.5 + 4.5 * len(metrics), 4)
+        fig = new_figure(1.5 + 4.5 * len(metrics), 4)
         for n, metric in enumerate(metrics):
             ax = fig.add_subplot(1, len(metrics), n + 1)
             rows = group[group["metric"] == metric]
@@ -158,7 +158,7 @@ def truncation_plot(trunc: pd.DataFrame, out_dir: Path | str) -> list[Path]:
             ax.set(xlabel="rank k", ylabel=metric, title=metric)
             ax.legend(fontsize=7)
         fig.suptitle(f"rank truncation — {backbone} {layer}")
-        paths.append(_save(fig, out_dir, "truncation", backbone, layer))
+        paths.append(save_figure(fig, out_dir, "truncation", backbone, layer))
     return paths
 
 
@@ -204,7 +204,7 @@ def recon_grids(rows: pd.DataFrame, manipulated: Mapping[tuple[str, str], np.nda
                 columns.append((f"noise\n{model}", model, "recon_noise"))
         if first["recon_baseline"].notna().any():
             columns.append(("spatial only", models[0], "recon_baseline"))
-        fig = _figure(1.6 * len(columns), 1.7 * len(sources) + 0.4)
+        fig = new_figure(1.6 * len(columns), 1.7 * len(sources) + 0.4)
         axes = fig.subplots(len(sources), len(columns), squeeze=False)
         for i, sid in enumerate(sources):
             for j, (title, model, column) in enumerate(columns):
@@ -220,7 +220,7 @@ def recon_grids(rows: pd.DataFrame, manipulated: Mapping[tuple[str, str], np.nda
                 if i == 0:
                     ax.set_title(title, fontsize=8)
         fig.suptitle(f"reconstructions — {backbone} {layer} {manipulation}", fontsize=9)
-        paths.append(_save(fig, out_dir, "reconstructions", backbone, layer, manipulation))
+        paths.append(save_figure(fig, out_dir, "reconstructions", backbone, layer, manipulation))
     return paths
 
 

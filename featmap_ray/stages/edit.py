@@ -26,7 +26,7 @@ from featmap_ray.seeding import derive_seed
 from featmap_ray.stages import base
 from featmap_ray.stages.manipulate import BATCH_SCHEMA, CARRIED, failure_row
 
-STAGE = "edit"
+NAME = "edit"
 FAMILY = "semantic"
 # One pending edit: the original's labels and pixels, the variant, its instruction and seed.
 TASK_SCHEMA = pa.schema([*(tables.IMAGES_SCHEMA.field(k) for k in (*CARRIED, "image", "variant", "seed")),
@@ -157,5 +157,5 @@ def run(cfg: Config) -> base.StageSummary:
                          resources=edit.resources or None)
         )
     skipped = sum(len(plans[dataset_of[sid]]) for sid in chosen) - n_pending
-    return base.write_stage(st, STAGE, ds, [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)],
+    return base.write_stage(st, NAME, ds, [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)],
                              rows_per_commit=edit.rows_per_commit, skipped=skipped)

@@ -1,26 +1,18 @@
-"""The Ray stages behind `featmap evaluate`, `featmap analyze` and `featmap report`.
-
-evaluate  every finished mapping run of a study, and the identity and spatial-only baselines, on
-          the held-out split: feature metrics at the mapped layer and classifier agreement (the
-          backbone's remaining stages and head on original, edited and mapped features). One Ray
-          task per (dataset, backbone, layer, manipulation), so the test pairs and the classifier
-          are loaded once for all the models that share them.
-analyze   every shared affine map (linear, ridge, Procrustes): weight-vs-bias measures on held-out
-          originals, SVD measures and singular values, and rank-k truncations of W evaluated like
-          the full map (does the edit live in the leading singular components?), each with its own
-          intercept b_k = ȳ − W_k x̄ from the run's training means (k = 0 predicts ȳ).
-report    tables and PNG plots from both, in <storage>/reports/<study>/ and in MLflow.
+"""`featmap evaluate`: every finished mapping run of a study, and the identity and spatial-only baselines,
+on the held-out split: feature metrics at the mapped layer and classifier agreement (the backbone's
+remaining stages and head on original, edited and mapped features). One Ray task per (dataset,
+backbone, layer, manipulation), so the test pairs and the classifier are loaded once for all the
+models that share them.
 
 Results are Lance tables under <storage>/results/<study>/, replaced as a whole by each run of a
 stage (a new table version, so a reader never sees half of one).
 """
 
+
 from __future__ import annotations
 
 import logging
-import shutil
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,8 +21,7 @@ import pyarrow as pa
 import torch
 
 from featmap_ray.config import BackboneRequest, Config
-from featmap_ray.io import imageio, tables, tracking
-from featmap_ray.io.files import Location
+from featmap_ray.io import tables, tracking
 from featmap_ray.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -40,10 +31,6 @@ BASELINES = ("identity", "spatial_only")
 
 def results_uri(cfg: Config, name: str) -> str:
     return Layout(cfg.storage).results(cfg.mapping.study, name)
-
-
-def reports_dir(cfg: Config) -> Location:
-    return Location(cfg.storage) / "reports" / cfg.mapping.study
 
 
 def write_results(cfg: Config, name: str, frame: pd.DataFrame) -> str:
@@ -219,181 +206,9 @@ def _log_run_metrics(cfg: Config, frame: pd.DataFrame) -> None:
                              {f"eval_{k}": row[k] for k in numeric if np.isfinite(row[k])})
 
 
-# -- linear-map analysis --------------------------------------------------------------------------
-
-def raw_affine(model) -> tuple[np.ndarray, np.ndarray] | None:
-    """(W, b) of a shared affine run in raw feature space: with normalisation x' = (x - mu)/s,
-    y = s * (W x' + b) + mu, so W_raw = diag(s) W diag(1/s) and b_raw = s*b + mu - W_raw mu."""
-    from featmap_ray.mapping.models import linear_weights
-
-    weights = linear_weights(model.inner)
-    if weights is None:
-        return None
-    w, b = (t.double().numpy() for t in weights)
-    if model.normalised:
-        s, mu = model.std.double().flatten().numpy(), model.mean.double().flatten().numpy()
-        w = s[:, None] * w / s[None, :]
-        b = s * b + mu - w @ mu
-    return w, b
-
-
-def train_means(info: dict[str, Any], run: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x̄, ȳ): the per-channel means of a run's training inputs and targets in raw feature space,
-    from its run.json (`info["train_means"]`)."""
-    means = info.get("train_means")
-    if not isinstance(means, dict) or not {"x", "y"} <= means.keys():
-        raise ValueError(f"mapping run {run}: its run.json has no train_means (the per-channel means of the "
-                         "training inputs and targets, which the rank-k truncations' intercept b_k = ȳ − W_k x̄ "
-                         "needs); it was fitted by an older version: re-fit it (`featmap fit`)")
-    return np.asarray(means["x"], dtype=np.float64), np.asarray(means["y"], dtype=np.float64)
-
-
-def _analyze_run(cfg: Config, run_dir: str) -> dict[str, list[dict[str, Any]]]:
-    from featmap_ray.evaluation.feature_metrics import feature_metrics, summarise
-    from featmap_ray.evaluation.linear_analysis import (
-        singular_values,
-        svd_metrics,
-        truncated_affine,
-        weight_bias_per_sample,
-    )
-    from featmap_ray.mapping.artefacts import load_run
-    from featmap_ray.mapping.models import linear_weights, model_input
-
-    model, spec, info = load_run(run_dir)
-    affine = raw_affine(model)
-    if affine is None:
-        return {}
-    x_mean, y_mean = train_means(info, f"{spec.key} ({run_dir})")
-    w, b = affine
-    # The precision the weights were stored in (raw_affine works in float64): the rank tolerance.
-    weights_dtype = linear_weights(model.inner)[0].numpy().dtype
-    base = {"run": spec.key, "dataset": spec.dataset, "group": spec.group, "backbone": spec.backbone,
-            "layer": spec.layer, "manipulation": spec.manipulation, "model": spec.model}
-    x, y, _ = _test_tensors(cfg, spec.dataset, spec.backbone, spec.layer, spec.manipulation)
-    # What W sees: for the geometric "apply" group, the exactly rotated/flipped input.
-    seen = model_input(model.inner, x).double().numpy()
-    rng = np.random.default_rng(cfg.evaluate.seed)
-    sample = seen[np.sort(rng.permutation(len(seen))[:cfg.evaluate.analysis_samples])]
-    wxb = weight_bias_per_sample(w, b, sample)
-    wxb_rows = [{**base, "sample": i, "metric": m, "value": float(v)}
-                for i, r in wxb.reset_index(drop=True).iterrows() for m, v in r.items()]
-
-    s = singular_values(w)
-    ranks = sorted({k for k in cfg.evaluate.truncation_ranks if k < len(s)} | {len(s)})
-    truncation = []
-    for k in ranks:
-        wk, bk = truncated_affine(w, k, x_mean, y_mean)
-        mapped = torch.from_numpy(np.einsum("oc,nchw->nohw", wk, seen) + bk[None, :, None, None]).float()
-        truncation += [{**base, "k": k, "metric": m, "value": v} for m, v in summarise(feature_metrics(mapped, y)).items()
-                       if m != "n_samples"]
-    return {"svd": [{**base, **svd_metrics(w, weights_dtype=weights_dtype)}],
-            "singular_values": [{**base, "index": i + 1, "value": float(v)} for i, v in enumerate(s)],
-            "weight_bias": wxb_rows, "truncation": truncation}
-
-
-def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
-    import ray
-
-    from featmap_ray.mapping.artefacts import finished_runs
-
-    runs = finished_runs(cfg)
-    st = tables.Store(cfg.storage)
-    run_id = tracking.study_stage_run(cfg, "analyze", [tracking.table_input(cfg, st.layout.images)], context="evaluation")
-    task = ray.remote(_analyze_run).options(num_cpus=1)
-    parts = ray.get([task.remote(cfg, str(d)) for d in runs])
-    tables: dict[str, list] = defaultdict(list)
-    for part in parts:
-        for name, rows in part.items():
-            tables[name] += rows
-    if not tables:
-        message = (f"study {cfg.mapping.study!r} has no finished linear, ridge or orthogonal_procrustes runs "
-                   "to analyse")
-        tracking.end_stage_run(cfg, run_id, {"runs": 0}, status="FAILED", error=message)
-        raise ValueError(message)
-    families = _families(cfg)
-    frames = {}
-    for name, rows in tables.items():
-        frame = pd.DataFrame(rows)
-        frame["family"] = frame["manipulation"].map(families).fillna("unknown")
-        write_results(cfg, name, frame)
-        frames[name] = frame
-    svd = frames["svd"]  # one row per analysed run; the features tables its tasks read
-    features = sorted({st.layout.features(b, l) for b, l in zip(svd["backbone"], svd["layer"], strict=True)})
-    tracking.end_stage_run(cfg, run_id, {"runs": len(svd)}, inputs=tracking.table_inputs(cfg, features))
-    return frames
-
-
 def _families(cfg: Config) -> dict[str, str]:
     """manipulation -> family (geometric, photometric, mask, semantic) as recorded in the images table."""
     st = tables.Store(cfg.storage)
     rows = st.open(st.layout.images).to_table(columns=["variant", "family"],
                                            filter=f"variant != '{tables.ORIGINAL}'").to_pandas()
     return dict(zip(rows["variant"], rows["family"], strict=True))
-
-
-# -- report ---------------------------------------------------------------------------------------
-
-def run_report(cfg: Config) -> Location:
-    """report.md and its figures in <storage>/reports/<study>/ (replaced as a whole) and in MLflow."""
-    target = reports_dir(cfg)
-    with target.staged() as out:
-        n_figures = write_report(cfg, out)
-        results = [results_uri(cfg, name) for name in ("evaluations", "svd", "singular_values", "weight_bias",
-                                                        "truncation")]
-        run_id = tracking.study_stage_run(cfg, "report", tracking.table_inputs(cfg, results), context="evaluation")
-        tracking.end_stage_run(cfg, run_id, {"figures": n_figures}, artefacts=out)
-    return target / "report.md"
-
-
-def write_report(cfg: Config, out: Path) -> int:
-    """report.md and its PNG figures in the local folder `out`; returns the number of figures."""
-    from featmap_ray.evaluation import report
-
-    evals = read_results(cfg, "evaluations")
-    cosine = "cos_median_upper"  # the evaluation's median rule, that of the loss (feature_metrics)
-    figures = {"Median cosine (upper) to the true edited features": report.family_heatmaps(evals, cosine, out)}
-    tables = {f"{cosine} {b}/{l}": t for (b, l), t in report.family_tables(evals, cosine).items()}
-    if "agree_top1_orig_mapped" in evals and evals["agree_top1_orig_mapped"].notna().any():
-        figures["Top-1 agreement with the original's prediction"] = report.family_heatmaps(
-            evals, "agree_top1_orig_mapped", out)
-        tables.update({f"top-1 agreement {b}/{l}": t
-                       for (b, l), t in report.family_tables(evals, "agree_top1_orig_mapped").items()})
-    if tables.open_table(results_uri(cfg, "svd")) is not None:
-        wxb = read_results(cfg, "weight_bias")
-        figures["Singular-value spectra of the linear maps"] = report.spectra_plot(read_results(cfg, "singular_values"), out)
-        figures["Weight vs bias by manipulation family"] = report.weight_bias_plot(wxb.assign(group=wxb["family"]), out)
-        figures["Rank-k truncations of W"] = report.truncation_plot(read_results(cfg, "truncation"), out)
-        tables["SVD measures"] = read_results(cfg, "svd").drop(columns=["run", "dataset"])
-    if tables.open_table(results_uri(cfg, "reconstructions")) is not None:  # featmap recon-eval
-        recon = read_results(cfg, "reconstructions")
-        tables.update({f"Reconstructions: {metric} against the manipulated image (mean over sources)": t
-                       for metric, t in report.recon_tables(recon).items()})
-        st = tables.Store(cfg.storage)
-        keys = set(zip(recon["source_id"], recon["variant"], strict=True))
-        stored = st.rows(st.layout.images, keys, ["image"]).to_pylist()
-        manipulated = {(r["source_id"], r["variant"]): imageio.decode_png_rgb(r["image"]) for r in stored}
-        figures["Reconstructions: manipulated image, FeatInv of the true target, mapped, noise control, baseline"] = (
-            report.recon_grids(recon, manipulated, out))
-    figures.update(_featinv_viz_figures(cfg, out))
-    report.write_summary(tables, out / "report.md", figures=figures, title=f"FeatMap study {cfg.mapping.study}")
-    return sum(len(paths) for paths in figures.values())
-
-
-def _featinv_viz_figures(cfg: Config, out: Path) -> dict[str, list[Path]]:
-    """`featmap featinv-viz`'s files copied into the report (it rebuilds the report folder as a whole), and
-    its grids as figures; nothing when the command has not run."""
-    from featmap_ray.stages.featinv_viz import output_dir
-
-    viz = output_dir(cfg)
-    if not (viz / "results.json").exists():
-        return {}
-    with viz.local_copy() as local:
-        shutil.copytree(local, out / "featinv_viz")
-    base = out / "featinv_viz"
-    return {
-        "FeatInv-Viz: concept steering (source | reconstruction | attenuated | heat map | affected pixels)":
-            sorted((base / "concepts").glob("*.png")),
-        "FeatInv-Viz: interpolation of two feature maps, and the cosine of each map to its reconstruction":
-            [base / "interpolation" / "strip.png", base / "interpolation" / "alpha_curve.png"],
-        "FeatInv-Viz: spatial composition (B's region in A's map)": [base / "composition" / "grid.png"],
-    }

@@ -19,7 +19,7 @@ from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.io import imageio, tables
 from featmap_ray.stages import base
 
-STAGE = "extract"
+NAME = "extract"
 LABELS = ("source_id", "variant", "split", "class_idx")
 
 
@@ -128,6 +128,6 @@ def run(cfg: Config) -> list[base.StageSummary]:
                              fn_constructor_args=(request, layers, ex.dtype, ex.num_gpus > 0, ex.torch_threads),
                              compute=ray.data.ActorPoolStrategy(size=ex.num_actors), num_gpus=ex.num_gpus)
             )
-        summaries.append(base.write_stage(st, f"{STAGE}:{spec.name}", ds, targets, rows_per_commit=ex.rows_per_commit,
+        summaries.append(base.write_stage(st, f"{NAME}:{spec.name}", ds, targets, rows_per_commit=ex.rows_per_commit,
                                            skipped=len(keys) - len(pending)))
     return summaries

@@ -47,7 +47,7 @@ from featmap_ray.io.files import Location
 if TYPE_CHECKING:
     from featmap_ray.featinv.pipeline import FeatInvPipeline
 
-STAGE = "featinv-train"
+NAME = "featinv-train"
 STATE_FILE = "training_state.pt"
 SAMPLES = 2  # feature maps in the logged sample grid
 PREPROCESS_BATCH = 64  # rows per decode / image-lookup task
@@ -171,7 +171,7 @@ def _mlflow_run(cfg: Config, run_id: str | None, rank: int) -> Iterator[str | No
         request, layer = data.featinv_backbone(cfg)
         tables = [st.layout.images] + ([st.layout.features(request.name, layer)]
                                     if cfg.featinv.training.features_source == "table" else [])
-        with tracking.stage_run(cfg, f"{STAGE}:{cfg.featinv.training.run_name}", tracking.table_inputs(cfg, tables),
+        with tracking.stage_run(cfg, f"{NAME}:{cfg.featinv.training.run_name}", tracking.table_inputs(cfg, tables),
                                 context="training") as run:
             yield run.info.run_id
     else:
@@ -295,7 +295,7 @@ class TrainSummary:
 
     def __str__(self) -> str:
         loss = "n/a" if self.loss is None else f"{self.loss:.4f}"
-        text = (f"[{STAGE}] run {self.run_name}: steps {self.start_step} -> {self.step}, loss {loss}\n"
+        text = (f"[{NAME}] run {self.run_name}: steps {self.start_step} -> {self.step}, loss {loss}\n"
                 f"  ControlNet: {self.controlnet}\n  checkpoint: {self.checkpoint}")
         if self.registered is not None:
             text += f"\n  MLflow: {self.registered.registered} ({self.registered.uri})"

@@ -31,12 +31,12 @@ from tqdm import tqdm
 from featmap_ray import backbones, runtime
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.cosine import median_cosine
-from featmap_ray.evaluation.report import _figure, _save, safe_name
+from featmap_ray.evaluation.report import new_figure, safe_name, save_figure
 from featmap_ray.featinv import data, metrics, viz
 from featmap_ray.io import imageio, tables, tracking
 from featmap_ray.io.files import Location
 
-STAGE = "featinv-viz"
+NAME = "featinv-viz"
 KEY = "featinv.viz"
 
 
@@ -201,7 +201,7 @@ def steer_concepts(sampler: Sampler, p: Plan, maps: dict[str, np.ndarray], sourc
             _png(folder / "source.png", sources[sid])
         for seed, image in zip(p.seeds, recon[0], strict=True):
             _png(folder / f"recon_seed{seed}.png", image)
-        fig = _figure(10, 2.1 * len(concepts))
+        fig = new_figure(10, 2.1 * len(concepts))
         axes = fig.subplots(len(concepts), 5, squeeze=False)
         for k in range(len(concepts)):
             heat, unaffected = viz.heat_map(recon[0], recon[k + 1])
@@ -222,7 +222,7 @@ def steer_concepts(sampler: Sampler, p: Plan, maps: dict[str, np.ndarray], sourc
                     ax.imshow(image)
                 ax.set_title(title, fontsize=8)
         fig.suptitle(f"{sid}: concepts of {p.request.name}/{p.layer}", fontsize=9)
-        _save(fig, out / "concepts", name)
+        save_figure(fig, out / "concepts", name)
     return rows
 
 
@@ -240,15 +240,15 @@ def interpolation(sampler: Sampler, p: Plan, maps: dict[str, np.ndarray], source
             rows.append({"alpha": alpha, "seed": seed, "cos_median_lower": cos})
     strip = [(sources.get(p.pair[0]), f"A {p.pair[0]}")] + [(im, f"α={al:g}") for al, im in zip(alphas, first, strict=True)]
     strip.append((sources.get(p.pair[1]), f"B {p.pair[1]}"))
-    fig = _figure(1.6 * len(strip), 2.0)
+    fig = new_figure(1.6 * len(strip), 2.0)
     for ax, (image, title) in zip(fig.subplots(1, len(strip), squeeze=False)[0], strip, strict=True):
         ax.set_axis_off()
         if image is not None:
             ax.imshow(image)
         ax.set_title(title, fontsize=7)
-    _save(fig, out / "interpolation", "strip")
+    save_figure(fig, out / "interpolation", "strip")
     frame = pd.DataFrame(rows)
-    fig = _figure(4.5, 3.2)
+    fig = new_figure(4.5, 3.2)
     ax = fig.subplots()
     ax.scatter(frame["alpha"], frame["cos_median_lower"], s=10, alpha=0.5, label="per seed")
     mean = frame.groupby("alpha")["cos_median_lower"].mean()
@@ -257,7 +257,7 @@ def interpolation(sampler: Sampler, p: Plan, maps: dict[str, np.ndarray], source
     ax.set_ylabel("median cosine (lower)")
     ax.set_title("φ_α vs the map of its reconstruction", fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, out / "interpolation", "alpha_curve")
+    save_figure(fig, out / "interpolation", "alpha_curve")
     return rows
 
 
@@ -274,7 +274,7 @@ def composition(sampler: Sampler, p: Plan, maps: dict[str, np.ndarray], out: Pat
             _png(out / "composition" / f"{name}_seed{seed}.png", image)
     inside = viz.region_pixels(p.region, p.grid, recon_a[0].shape[0])
     influence = viz.region_influence(recon_c, recon_a, inside)
-    fig = _figure(7.5, 2.6)
+    fig = new_figure(7.5, 2.6)
     r0, r1, c0, c1 = p.region
     size = recon_a[0].shape[0]
     for ax, image, title in zip(fig.subplots(1, 3), (recon_a[0], recon_b[0], recon_c[0]),
@@ -285,7 +285,7 @@ def composition(sampler: Sampler, p: Plan, maps: dict[str, np.ndarray], out: Pat
         sy, sx = size / p.grid[0], size / p.grid[1]  # the region's outline in pixels
         ax.add_patch(Rectangle((c0 * sx - 0.5, r0 * sy - 0.5), (c1 - c0) * sx, (r1 - r0) * sy, fill=False,
                                edgecolor="yellow", lw=1.5))
-    _save(fig, out / "composition", "grid")
+    save_figure(fig, out / "composition", "grid")
     return {"a": p.pair[0], "b": p.pair[1], "region": list(p.region), "grid": list(p.grid), **influence}
 
 
@@ -330,15 +330,15 @@ def run(cfg: Config) -> str:
                        if (val := composed[k]) is not None})
         logged["unaffected_fraction_mean"] = float(np.mean([r["unaffected_fraction"] for r in concept_rows]))
         inputs = tracking.table_inputs(cfg, [st.layout.features(p.request.name, p.layer), st.layout.images])
-        run_id = tracking.study_stage_run(cfg, STAGE, inputs, context="evaluation")
+        run_id = tracking.study_stage_run(cfg, NAME, inputs, context="evaluation")
         tracking.end_stage_run(cfg, run_id, logged, artefacts=out)
     curve_text = ", ".join(f"α={alpha:g}: {cos:.3f}" for alpha, cos in curve.items())
     inside, outside = composed["change_inside"], composed["change_outside"]
-    return (f"[{STAGE}] {len(p.shown)} images of {p.label} × {len(concepts)} concepts ({how}), "
+    return (f"[{NAME}] {len(p.shown)} images of {p.label} × {len(concepts)} concepts ({how}), "
             f"{len(p.seeds)} seeds each, in {target}\n"
-            f"[{STAGE}] interpolation {p.pair[0]} -> {p.pair[1]}, median cosine (lower) of φ_α and its "
+            f"[{NAME}] interpolation {p.pair[0]} -> {p.pair[1]}, median cosine (lower) of φ_α and its "
             f"reconstruction: {curve_text}\n"
-            f"[{STAGE}] composition, region {list(p.region)} of the {p.grid[0]}×{p.grid[1]} grid: mean RGB change vs A "
+            f"[{NAME}] composition, region {list(p.region)} of the {p.grid[0]}×{p.grid[1]} grid: mean RGB change vs A "
             f"inside {_fmt(inside)}, outside {_fmt(outside)}")
 
 

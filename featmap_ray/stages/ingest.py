@@ -30,7 +30,7 @@ from featmap_ray.seeding import derive_seed
 from featmap_ray.stages import base
 
 log = logging.getLogger(__name__)
-STAGE = "ingest"
+NAME = "ingest"
 BATCH_SCHEMA = tables.with_error_columns(tables.IMAGES_SCHEMA)
 
 
@@ -181,4 +181,4 @@ def run(cfg: Config) -> base.StageSummary:
     if pending:
         ds = ray.data.from_items(pending).map_batches(
             load_originals, fn_kwargs={"cfg": cfg.dataset, "root": root}, batch_size=16, batch_format="pyarrow")
-    return base.write_stage(st, STAGE, ds, targets, rows_per_commit=256, skipped=len(items) - len(pending))
+    return base.write_stage(st, NAME, ds, targets, rows_per_commit=256, skipped=len(items) - len(pending))

@@ -17,7 +17,7 @@ from featmap_ray.manipulations.direct import Manipulation
 from featmap_ray.seeding import derive_seed
 from featmap_ray.stages import base
 
-STAGE = "manipulate"
+NAME = "manipulate"
 BATCH_SCHEMA = tables.with_error_columns(tables.IMAGES_SCHEMA)
 CARRIED = ("source_id", "dataset", "split", "class_idx", "class_name", "source_path")
 
@@ -71,5 +71,5 @@ def run(cfg: Config) -> base.StageSummary:
             manipulate_batch, batch_size=cfg.manipulate.batch_size, batch_format="pyarrow",
             fn_kwargs={"manipulations": manipulations, "pending": pending, "base_seed": cfg.manipulate.seed})
     skipped = len(originals) * len(manipulations) - n_pending
-    return base.write_stage(st, STAGE, ds, [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)],
+    return base.write_stage(st, NAME, ds, [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)],
                              rows_per_commit=256, skipped=skipped)

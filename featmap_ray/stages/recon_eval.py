@@ -23,7 +23,7 @@ from featmap_ray.io import imageio, tables, tracking
 from featmap_ray.seeding import derive_seed
 from featmap_ray.stages import base
 
-STAGE = "recon-eval"
+NAME = "recon-eval"
 RESULTS = "reconstructions"  # results/<study>/reconstructions.lance
 KINDS = ("target", "mapped", "baseline", "noise")  # the maps FeatInv reconstructs per pair
 # (reference image, reconstruction): "manip" is the real manipulated image, the others are reconstructions.
@@ -221,7 +221,7 @@ def run(cfg: Config) -> base.StageSummary:
              for key, info in runs.items() for i in info["rows"] if (key, info["pairs"].source_ids[i]) not in done]
     total = sum(len(info["rows"]) for info in runs.values())
     st = tables.Store(cfg.storage)
-    run_id = tracking.study_stage_run(cfg, STAGE, tracking.table_inputs(
+    run_id = tracking.study_stage_run(cfg, NAME, tracking.table_inputs(
         cfg, [st.layout.images, *(info["pairs"].uri for info in runs.values())]), context="evaluation")
     ds = None
     if tasks:
@@ -229,7 +229,7 @@ def run(cfg: Config) -> base.StageSummary:
               .map_batches(ReconEvaluator, batch_size=rc.batch_size, batch_format="pyarrow",
                            fn_constructor_args=(cfg, runs, schema),
                            compute=ray.data.ActorPoolStrategy(size=rc.num_actors), num_gpus=rc.num_gpus))
-    summary = base.write_stage(st, STAGE, ds, [tables.Target(uri, schema, key=("run", "source_id"))],
+    summary = base.write_stage(st, NAME, ds, [tables.Target(uri, schema, key=("run", "source_id"))],
                                 rows_per_commit=rc.rows_per_commit, skipped=total - len(tasks))
     tracking.end_stage_run(cfg, run_id, {"written": sum(summary.written.values()), "failed": summary.failed},
                            inputs=tracking.table_inputs(cfg, [uri]))

@@ -33,7 +33,7 @@ from featmap_ray.stages import base
 # diffusers (featinv.loading, featinv.model, featinv.pipeline) is imported where it is used: Ray Data
 # task workers that only run this module's light UDFs then start without it.
 
-STAGE = "reconstruct"
+NAME = "reconstruct"
 EXTRACTED = "extracted"  # the generator of the maps in the features table
 LABELS = ("source_id", "variant", "split", "class_idx")
 ROW_METRICS = ("cos_median_lower", "top1_match", "top5_match")
@@ -177,7 +177,7 @@ class ReconstructionMetrics:
         def fmt(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.4f}"
 
-        return (f"[{STAGE}:{self.generator}] {self.rows} reconstructions: "
+        return (f"[{NAME}:{self.generator}] {self.rows} reconstructions: "
                 f"median cosine (lower) {fmt(self.cos_median_lower)}, "
                 f"top-1 match {fmt(self.top1_match)}, top-5(1) match {fmt(self.top5_match)}, "
                 f"FID {fmt(self.fid)} ({self.fid_extractor})")
@@ -321,7 +321,7 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *,
                                               controlnet and (controlnet.registered or controlnet.uri)),
                          compute=ray.data.ActorPoolStrategy(size=s.num_actors), num_gpus=s.num_gpus)
         )
-    summary = base.write_stage(st, f"{STAGE}:{generator}", pipeline,
+    summary = base.write_stage(st, f"{NAME}:{generator}", pipeline,
                                 [tables.Target(uri, schema, key=tables.RECONSTRUCTION_KEY)],
                                 rows_per_commit=s.rows_per_commit, skipped=skipped)
     report = ReconstructReport(**summary.__dict__, metrics=evaluate(cfg, generator))
