@@ -505,6 +505,9 @@ class ServeConfig(_Strict):
 
 class Config(_Strict):
     storage: str = "featmap_data"  # root of every table; a local folder or an object-store URI
+    # Recompute outputs that were made by other settings (`--overwrite`); False: a stage refuses
+    # before writing anything when what is stored was made by other settings.
+    overwrite: bool = False
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
     dataset: DatasetConfig

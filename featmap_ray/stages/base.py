@@ -115,6 +115,37 @@ class Mismatch:
     rows: int
 
 
+def input_key(root: str, uri: str, group: str) -> str:
+    """How a Provenance names an input group: "<table path under the root>#<group>" (e.g.
+    "images#rotation_90", "features/convnext_tiny/stages.2#original"), the same wherever the root is."""
+    path = uri.removeprefix(root.rstrip("/") + "/").removesuffix(".lance")
+    return f"{path}#{group}"
+
+
+def current_fingerprints(root: str, uri: str) -> dict[str, str]:
+    """{input key: fingerprint} of every group the table at `uri` records now ({} when none)."""
+    return {input_key(root, uri, name): entry.get("fingerprint", "")
+            for name, entry in tables.read_provenance(uri).items()}
+
+
+def changed_inputs(root: str, inputs: dict[str, str]) -> list[str]:
+    """The recorded `inputs` (input key -> fingerprint) that no longer match what their tables record:
+    each as "<input key>: made by other settings" (or "... no longer recorded")."""
+    by_table: dict[str, dict[str, str]] = {}
+    out = []
+    for key, fingerprint in sorted(inputs.items()):
+        path, _, _group = key.rpartition("#")
+        uri = f"{root.rstrip('/')}/{path}.lance"
+        if uri not in by_table:
+            by_table[uri] = current_fingerprints(root, uri)
+        now = by_table[uri].get(key)
+        if now is None:
+            out.append(f"{key}: no longer recorded")
+        elif now != fingerprint:
+            out.append(f"{key}: made by other settings since")
+    return out
+
+
 def group_filter(column: str, value: str) -> str:
     return f"{column} = {tables.sql_list([value])}"
 
