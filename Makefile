@@ -41,6 +41,7 @@ demo: setup
 	.venv/bin/featmap report --config conf/demo.yaml
 
 test: setup browser
+	.venv/bin/lint-imports
 	$(PY) -m pytest -q
 
 benchmark: setup

@@ -4,17 +4,21 @@
     features/<backbone>/<layer>.lance             one (C, H, W) map per image variant, same key
     errors.lance                                  failures, key (stage, target, key)
     reconstructions/<backbone>/<layer>.lance      FeatInv images of stored maps
-    mapping/runs/<study>/<run key>/               published mapping runs (run.json + model)
+    mapping/runs/<study>/<run key>/               published mapping runs (run.json + model), versioned
     mapping/train/ mapping/tune/                  Ray Train and Tune state (checkpoints)
     mapping/norm/<dataset>/<backbone>/<layer>.json normalisation statistics
     mapping/sweeps/<study>/                       sweep results and the best trial's model
     results/<study>/<name>.lance                  evaluate / analyze / recon-eval tables
-    results/<study>/featinv_viz/                  FeatInv-Viz outputs
-    reports/<study>/                              report.md and its figures
+    results/<study>/featinv_viz/                  FeatInv-Viz outputs, versioned
+    reports/<study>/                              report.md and its figures, versioned
     featinv/<run name>/                           FeatInv training checkpoints and the final ControlNet
+                                                  (controlnet/, versioned)
     sources/<name>/                               the embedded demo's photographs, unpacked
     logs/                                         the library logs of each command (Ray, MLflow, ...)
     mlflow.db                                     the default MLflow store of a local root
+
+A versioned folder holds CURRENT, the name of its published version, and the version folders
+(featmap_ray.io.files: `Location.publish`, `Location.current`).
 
 Every stage, the service, `featmap info` and `featmap status` go through `Layout`; nothing else
 joins paths under the root. A name that becomes a path part (a study, a run) is checked by
@@ -50,6 +54,15 @@ class Layout:
     @property
     def location(self) -> Location:
         return Location(self.root)
+
+    def name(self, artefact: str | Location) -> str:
+        """An artefact's path under the root, without ".lance" (e.g. "features/resnet50/layer1"): how
+        the errors table names the table or artefact a failed row was meant for."""
+        uri = str(artefact)
+        for root in (self.root, self.location.uri):  # as given, and normalised (a local root made absolute)
+            if uri.startswith(root + "/"):
+                return uri[len(root) + 1:].removesuffix(".lance")
+        raise ValueError(f"{uri} is not under the storage root {self.root}")
 
     # -- Lance tables --------------------------------------------------------------------------------
     @property
@@ -103,6 +116,10 @@ class Layout:
 
     def featinv_run(self, run_name: str) -> Location:
         return self.featinv_runs / safe_part(run_name, "featinv.training.run_name")
+
+    def featinv_controlnet(self, run_name: str) -> Location:
+        """The final ControlNet of a FeatInv training run (a versioned folder: featmap_ray.io.files)."""
+        return self.featinv_run(run_name) / "controlnet"
 
     def sources(self, name: str) -> Location:
         return self.location / "sources" / name

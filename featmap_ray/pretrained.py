@@ -10,6 +10,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from featmap_ray import seeding
+
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -48,3 +50,15 @@ def local_model_dir(name: str | Path, *, what: str, default_id: str, required: S
         raise WeightsNotFound(f"{what} {str(name)!r} at {root} lacks {missing} (a diffusers folder needs "
                               f"{list(required)}); {fetch}")
     return root
+
+
+def weights_identity(root: Path) -> str:
+    """Which weights a model folder holds, told apart without reading them (a full content hash of tens of
+    GB would cost minutes per run): a Hugging Face cache snapshot by its repository and revision (the commit
+    its folder is named after); any other folder by its path and each file's size and modification time,
+    so a replaced file changes it."""
+    root = Path(root).resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return f"{root.parent.parent.name.removeprefix('models--').replace('--', '/')}@{root.name}"
+    files = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    return f"{root} (files {seeding.fingerprint(files)})"

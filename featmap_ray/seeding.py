@@ -24,3 +24,12 @@ def derive_seed(*parts: str | int) -> int:
 def fingerprint(settings: Any) -> str:
     """A short, stable digest of JSON-able settings (key order does not matter)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's content (read in 1 MiB chunks): what a weight file is, wherever it lies."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

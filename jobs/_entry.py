@@ -1,5 +1,9 @@
 """Shared body of the `jobs/<stage>.py` scripts run by `ray job submit --working-dir . -- python jobs/<stage>.py`.
 
+The scripts are written from the stage registry (`python jobs/_entry.py` rewrites them, and the README's
+command table): one per command that runs on Ray, except `serve` (a service: `serve run conf/serve.yaml` /
+`serve deploy` on a cluster).
+
 The working dir is unpacked into a temporary folder on the cluster, which becomes the job's CWD,
 and `featmap_ray` may not be installed there: the repository root goes first on sys.path. A
 relative `storage` would resolve inside that temporary folder (and disappear with it), so a
@@ -51,3 +55,49 @@ def run(stage: str) -> None:
               file=sys.stderr)
         sys.exit(2)
     sys.exit(main([stage, *argv]))
+
+
+SCRIPT = '''"""`featmap {name}` as a Ray job: {summary}.
+
+    ray job submit --working-dir . -- python jobs/{file} --config conf/demo.yaml storage=/abs/path [key=value ...]
+
+RAY_ADDRESS (or --address) names the cluster's dashboard, e.g. http://127.0.0.1:8265. storage must be
+absolute (the job runs in a temporary copy of the working dir), as must dataset.root unless builtin:.
+Written from the stage registry by `python jobs/_entry.py`.
+"""
+from _entry import run  # jobs/ is sys.path[0] when run as a script
+
+run("{name}")
+'''
+
+
+def scripts() -> dict[str, str]:
+    """{file name: content} of every job script, from the stage registry."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from featmap_ray.stages import base
+
+    return {f"{name.replace('-', '_')}.py": SCRIPT.format(name=name, summary=stage.summary,
+                                                          file=f"{name.replace('-', '_')}.py")
+            for name, stage in base.registry().items() if stage.starts_ray and name != "serve"}
+
+
+README_TABLE = ("<!-- commands:start -->\n", "<!-- commands:end -->")
+
+
+def readme_with_table(readme: str) -> str:
+    """The README with its command table (between the two markers) made from the registry."""
+    from featmap_ray import cli
+    from featmap_ray.stages import base
+
+    start, end = readme.index(README_TABLE[0]) + len(README_TABLE[0]), readme.index(README_TABLE[1])
+    return readme[:start] + cli.command_table(base.registry()) + "\n" + readme[end:]
+
+
+if __name__ == "__main__":  # rewrite the scripts and the README's command table
+    here = Path(__file__).parent
+    for stale in set(p.name for p in here.glob("[!_]*.py")) - set(scripts()):
+        (here / stale).unlink()
+    for file, text in scripts().items():
+        (here / file).write_text(text)
+    readme = here.parent / "README.md"
+    readme.write_text(readme_with_table(readme.read_text()))

@@ -1,9 +1,10 @@
-"""`featmap featinv-train` as a Ray job (see the README's FeatInv section):
+"""`featmap featinv-train` as a Ray job: train a FeatInv ControlNet on Ray Train.
 
     ray job submit --working-dir . -- python jobs/featinv_train.py --config conf/demo.yaml storage=/abs/path [key=value ...]
 
-storage (and featinv.base_model / featinv.controlnet when they are paths) must be absolute and on
-storage every node sees.
+RAY_ADDRESS (or --address) names the cluster's dashboard, e.g. http://127.0.0.1:8265. storage must be
+absolute (the job runs in a temporary copy of the working dir), as must dataset.root unless builtin:.
+Written from the stage registry by `python jobs/_entry.py`.
 """
 from _entry import run  # jobs/ is sys.path[0] when run as a script
 

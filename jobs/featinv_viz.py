@@ -1,10 +1,10 @@
-"""`featmap featinv-viz` as a Ray job (see the README's FeatInv-Viz section):
+"""`featmap featinv-viz` as a Ray job: FeatInv-Viz: concept steering, interpolation, composition (PNGs).
 
-    ray job submit --working-dir . [--entrypoint-num-gpus 1] -- python jobs/featinv_viz.py --config conf/demo.yaml storage=/abs/path [key=value ...]
+    ray job submit --working-dir . -- python jobs/featinv_viz.py --config conf/demo.yaml storage=/abs/path [key=value ...]
 
-It samples in the job's driver process: with featinv.sampling.num_gpus > 0, --entrypoint-num-gpus 1
-places the driver on a GPU node. storage (and featinv.base_model / featinv.controlnet /
-featinv.viz.concepts when they are paths) must be absolute and on storage every node sees.
+RAY_ADDRESS (or --address) names the cluster's dashboard, e.g. http://127.0.0.1:8265. storage must be
+absolute (the job runs in a temporary copy of the working dir), as must dataset.root unless builtin:.
+Written from the stage registry by `python jobs/_entry.py`.
 """
 from _entry import run  # jobs/ is sys.path[0] when run as a script
 

@@ -1,9 +1,10 @@
-"""`featmap ingest` as a Ray job (read the dataset into images.lance):
+"""`featmap ingest` as a Ray job: image folders -> images.lance (originals, resized and centre-cropped).
 
     ray job submit --working-dir . -- python jobs/ingest.py --config conf/demo.yaml storage=/abs/path [key=value ...]
 
 RAY_ADDRESS (or --address) names the cluster's dashboard, e.g. http://127.0.0.1:8265. storage must be
 absolute (the job runs in a temporary copy of the working dir), as must dataset.root unless builtin:.
+Written from the stage registry by `python jobs/_entry.py`.
 """
 from _entry import run  # jobs/ is sys.path[0] when run as a script
 

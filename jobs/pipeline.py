@@ -1,9 +1,10 @@
-"""`featmap pipeline` as a Ray job (ingest -> manipulate -> extract):
+"""`featmap pipeline` as a Ray job: ingest -> manipulate -> edit -> extract.
 
     ray job submit --working-dir . -- python jobs/pipeline.py --config conf/demo.yaml storage=/abs/path [key=value ...]
 
 RAY_ADDRESS (or --address) names the cluster's dashboard, e.g. http://127.0.0.1:8265. storage must be
 absolute (the job runs in a temporary copy of the working dir), as must dataset.root unless builtin:.
+Written from the stage registry by `python jobs/_entry.py`.
 """
 from _entry import run  # jobs/ is sys.path[0] when run as a script
 

@@ -1,9 +1,10 @@
-"""`featmap sweep` as a Ray job (see featmap_ray/cli.py and the README's study section):
+"""`featmap sweep` as a Ray job: Ray Tune + ASHA over one model family's hyper-parameters.
 
     ray job submit --working-dir . -- python jobs/sweep.py --config conf/demo.yaml storage=/abs/path [key=value ...]
 
-storage must be absolute and on storage every node sees (the job runs in a temporary copy of the
-working dir, and mapping runs write their checkpoints under <storage>/mapping).
+RAY_ADDRESS (or --address) names the cluster's dashboard, e.g. http://127.0.0.1:8265. storage must be
+absolute (the job runs in a temporary copy of the working dir), as must dataset.root unless builtin:.
+Written from the stage registry by `python jobs/_entry.py`.
 """
 from _entry import run  # jobs/ is sys.path[0] when run as a script
 

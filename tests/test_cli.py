@@ -17,7 +17,10 @@ import yaml
 
 from featmap_ray import cli, config, runtime
 from featmap_ray.io import tables
+from featmap_ray.stages import base
 from tests.conftest import write_image
+
+STAGES = base.registry()
 
 REPO = Path(__file__).resolve().parents[1]
 needs_ray = pytest.mark.usefixtures("ray_session")
@@ -109,8 +112,8 @@ def test_no_arguments_lists_the_commands(capsys):
     assert cli.main([]) == 2
     err = capsys.readouterr().err
     assert "required" not in err
-    for name, cmd in cli.COMMANDS.items():
-        assert f"  {name:<16}{cmd.summary}\n" in err  # one line each
+    for name, stage in STAGES.items():
+        assert f"  {name:<16}{stage.summary}\n" in err  # one line each
     assert "default: conf/demo.yaml" in err
 
 
@@ -119,17 +122,17 @@ def test_top_level_help(capsys):
         cli.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert all(f"  {name:<16}{cmd.summary}\n" in out for name, cmd in cli.COMMANDS.items())
+    assert all(f"  {name:<16}{stage.summary}\n" in out for name, stage in STAGES.items())
     assert max(map(len, out.splitlines())) <= cli.WIDTH
 
 
-@pytest.mark.parametrize("name", list(cli.COMMANDS))
+@pytest.mark.parametrize("name", list(STAGES))
 def test_each_command_has_its_own_help(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([name, "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"usage: featmap {name} ") and cli.COMMANDS[name].summary in out
+    assert out.startswith(f"usage: featmap {name} ") and STAGES[name].summary in out
     if name != "featinv-import":
         assert "--config FILE, -c FILE" in out and "default: conf/demo.yaml" in out
         assert "config keys it reads" in out
@@ -242,3 +245,21 @@ def test_a_failing_check_stops_before_ray_and_writes_nothing(command, overrides,
     assert message in capsys.readouterr().err
     assert ray.is_initialized() == ray_before
     assert not (tmp_path / "store").exists()  # no mlflow.db, no mlartifacts/, no tables
+
+
+def test_jobs_and_the_readme_command_table_come_from_the_registry():
+    """jobs/<command>.py and the README's table are what `python jobs/_entry.py` writes from the registry:
+    one script per command that runs on Ray (serve excepted), nothing else, and one table row per command."""
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        entry = importlib.import_module("_entry")
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    expected = entry.scripts()
+    assert set(expected) == {f"{n.replace('-', '_')}.py" for n, s in STAGES.items() if s.starts_ray and n != "serve"}
+    assert {p.name for p in (REPO / "jobs").glob("[!_]*.py")} == set(expected)
+    for file, text in expected.items():
+        assert (REPO / "jobs" / file).read_text() == text, f"jobs/{file} is stale: run `python jobs/_entry.py`"
+    readme = (REPO / "README.md").read_text()
+    assert entry.readme_with_table(readme) == readme, "the README's command table is stale: run `python jobs/_entry.py`"
+    assert all(f"| `featmap {name}` |" in readme for name in STAGES)

@@ -371,12 +371,16 @@ def test_study_ran_on_both_nodes(cluster, study_job):
 
 
 def test_study_artefacts_are_in_the_bucket(cluster, study_job):
+    from featmap_ray.io.files import Location
+
     objects = cluster.objects("featmap")
     run = f"mapping/runs/{STUDY}/{RUN_KEY}"
-    assert {f"{run}/run.json", f"{run}/model.safetensors"} <= set(objects), objects
+    version = Location(f"{cluster.storage}/{run}").current().name  # versioned folders: the published version
+    assert {f"{run}/{version}/run.json", f"{run}/{version}/model.safetensors"} <= set(objects), objects
     tables = {o.split(".lance/")[0] + ".lance" for o in objects if ".lance/" in o}
     assert {f"results/{STUDY}/evaluations.lance", f"results/{STUDY}/svd.lance"} <= tables, objects
-    assert f"reports/{STUDY}/report.md" in objects, objects
+    report = Location(f"{cluster.storage}/reports/{STUDY}").current().name
+    assert f"reports/{STUDY}/{report}/report.md" in objects, objects
     assert any(o.startswith("mapping/tune/") for o in objects), objects  # Tune's experiment state
     assert cluster.objects("mlartifacts"), "no MLflow artefacts in the bucket"
     prefixes = Counter("/".join(o.split("/")[:2 if o.startswith(("mapping/", "results/", "reports/")) else 1])
@@ -400,9 +404,9 @@ def test_mlflow_server_has_the_runs(cluster, pipeline_job, study_job):
     mapping_run = by_name[RUN_KEY]
     assert mapping_run.data.tags["mlflow.parentRunId"] == by_name[f"{STUDY}:fit"].info.run_id
     # The metrics the worker node's trial logged are the published run's.
-    from featmap_ray.io.files import Location
+    from featmap_ray.mapping.artefacts import read_info
 
-    info = Location(f"{cluster.storage}/mapping/runs/{STUDY}/{RUN_KEY}/run.json").read_json()
+    info = read_info(f"{cluster.storage}/mapping/runs/{STUDY}/{RUN_KEY}")
     assert mapping_run.data.metrics["final_val_loss"] == pytest.approx(info["best"]["val_loss"])
     history = client.get_metric_history(mapping_run.info.run_id, "val_loss")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
@@ -420,10 +424,10 @@ def test_mlflow_server_has_the_runs(cluster, pipeline_job, study_job):
 def test_study_equals_a_single_node_run(cluster, study_job, reference_study):
     import lance
 
-    from featmap_ray.io.files import Location
+    from featmap_ray.mapping.artefacts import read_info
 
-    got = Location(f"{cluster.storage}/mapping/runs/{STUDY}/{RUN_KEY}/run.json").read_json()
-    want = json.loads((reference_study / "mapping" / "runs" / STUDY / RUN_KEY / "run.json").read_text())
+    got = read_info(f"{cluster.storage}/mapping/runs/{STUDY}/{RUN_KEY}")
+    want = read_info(reference_study / "mapping" / "runs" / STUDY / RUN_KEY)
     assert (got["train_pairs"], got["val_pairs"], got["best_epoch"]) == (
         want["train_pairs"], want["val_pairs"], want["best_epoch"])
     assert got["shape"] == want["shape"] and len(got["history"]) == len(want["history"])

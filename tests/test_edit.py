@@ -129,7 +129,7 @@ def test_edit_writes_every_chosen_original_with_each_prompt_its_seed_and_setting
         assert params == {"prompt": PROMPTS[name], "name": name, "repeat": 0, "model": "tiny",
                           "pipeline": "QwenImageEditPlusPipeline", "dtype": "float32", "working_pixels": 4096,
                           "negative_prompt": " ", "true_cfg_scale": 4.5, "guidance_scale": 1.0,
-                          "num_inference_steps": 2}
+                          "num_inference_steps": 2, "vae_tiling": True}
         pixels = imageio.decode_png_rgb(row["image"])  # lossless, at the pipeline's size for the working area
         assert pixels.shape == (row["height"], row["width"], 3) == (64, 64, 3)
     # Edits of different prompts on one image, or one prompt on different images, differ.
@@ -252,8 +252,10 @@ def test_bad_edit_settings_fail_before_work_naming_the_key(edited, tmp_path):
     with pytest.raises(ValueError, match="one prompt per call"):
         semantic.check(cfg.edit.model_copy(update={"batch_size": 4}))
     version = lance.dataset(tables.Store(cfg.storage).layout.images).version
-    with pytest.raises(edit_stage.EditSettingsChanged, match=r"qwen:Add_hat:0 edits made with other \['num_inference_steps'\]"):
+    # Edits stored under these variant ids were made with 2 steps: each variant is refused, naming the change.
+    with pytest.raises(base.ProvenanceMismatch, match=r"qwen:Add_hat:0.*\n\s+num_inference_steps: 2 -> 3") as refused:
         edit_stage.run(cfg.model_copy(update={"edit": cfg.edit.model_copy(update={"steps": 3})}))
+    assert "qwen:Make_blue:0" in str(refused.value) and "--overwrite" in str(refused.value)
     with pytest.raises(ValueError, match="edit.prompts names datasets \\['other'\\]"):
         edit_stage.run(cfg.model_copy(update={"edit": cfg.edit.model_copy(update={"prompts": {"other": []}})}))
     assert lance.dataset(tables.Store(cfg.storage).layout.images).version == version

@@ -1,7 +1,6 @@
 """The FeatInv reconstruct job on tiny models: keyed rows, PNGs, per-row metrics, bad maps, re-runs, MLflow."""
 
 import io
-import json
 import shutil
 
 import lance
@@ -15,10 +14,10 @@ import torchvision.transforms as T
 from PIL import Image
 
 from featmap_ray import cli
-from featmap_ray.featinv import loading
+from featmap_ray.featinv import identity, loading
 from featmap_ray.featinv.pipeline import seeded_generators
 from featmap_ray.io import tables, tracking
-from featmap_ray.stages import extract, ingest, reconstruct
+from featmap_ray.stages import base, extract, ingest, reconstruct
 from tests.conftest import TINY_BACKBONES, make_config, write_image
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -123,7 +122,9 @@ def test_bad_feature_maps_become_error_rows_and_the_rest_is_written(reconstructe
     maps[1][3, 2, 2] = np.nan
     maps[2] = maps[2][:32]  # wrong channel count
     items = [{**{k: r[k] for k in reconstruct.LABELS}, "feature": f} for r, f in zip(features, maps)]
-    report = reconstruct.reconstruct_dataset(cfg, ray.data.from_items(items), "mapped:test")
+    keys = [(r["source_id"], r["variant"]) for r in features]
+    report = reconstruct.reconstruct_dataset(cfg, ray.data.from_items(items),
+                                             reconstruct.Maps("mapped:test", keys, {"original": ["original"]}))
     uri = st.layout.reconstructions("convnext_base", "stage3")
     assert report.written == {uri: 4} and report.failed == 2  # failures count maps, not seeds
     written = {(r["source_id"], r["seed"]) for r in _table(cfg) if r["generator"] == "mapped:test"}
@@ -138,7 +139,7 @@ def test_bad_feature_maps_become_error_rows_and_the_rest_is_written(reconstructe
 def test_a_table_made_with_other_settings_is_not_mixed(reconstructed):
     cfg = reconstructed[0].model_copy(deep=True)
     cfg.featinv.sampling.guidance = 3.0
-    with pytest.raises(reconstruct.ReconstructionsMismatch, match="guidance: table 1.75, this run 3.0"):
+    with pytest.raises(base.ProvenanceMismatch, match="featinv.sampling.guidance: 1.75 -> 3.0"):
         reconstruct.run(cfg)
 
 
@@ -195,8 +196,10 @@ def test_featmap_reconstruct_with_a_model_uri_samples_what_the_folder_does(extra
     st = tables.Store(cfg.storage)
     uri = st.layout.reconstructions("convnext_base", "stage3")
     table = lance.dataset(uri)
-    made_with = json.loads(table.schema.metadata[b"featmap"])
-    assert made_with["controlnet"] == f"models:/featinv-test/1 (MLflow run {run_id})"
+    # The model version the URI named, and the content of its weights: those of the folder it was logged from.
+    made_with = tables.read_provenance(table)["extracted/original"]["settings"]["featinv.controlnet"]
+    assert made_with == (f"{identity.controlnet_identity(cfg, str(folder))} "
+                         f"of models:/featinv-test/1 (MLflow run {run_id})")
     rows = table.to_table().to_pylist()
     assert len(rows) == 2 and {r["seed"] for r in rows} == {100}
     # The same maps through the folder's pipeline in this process: other batches, equal to float32

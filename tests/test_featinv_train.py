@@ -120,7 +120,7 @@ def test_training_lowers_the_loss_and_a_rerun_resumes_from_the_saved_step(ingest
     first = train.run(cfg)
     assert (first.start_step, first.step) == (0, 6)
     assert first.controlnet == f"{cfg.storage}/featinv/fit/controlnet"
-    trained = loading.load_featinv(first.controlnet, loading.tiny_base_components())
+    trained = loading.featinv_pipeline(cfg, first.controlnet)  # as `featinv.controlnet`: its published version
     after = _denoising_loss(trained, pixels, features)
     assert after < 0.95 * before, (before, after)
 

@@ -21,6 +21,7 @@ from featmap_ray.featinv import loading, viz
 from featmap_ray.featinv.metrics import BackboneProbe
 from featmap_ray.featinv.pipeline import seeded_generators
 from featmap_ray.io import tables, tracking
+from featmap_ray.io.files import Location
 from featmap_ray.stages import extract, ingest
 from tests.conftest import make_config, write_image
 
@@ -217,7 +218,7 @@ def test_featinv_viz_command_writes_the_experiments(viz_setup, capsys):
     assert cli.main(["featinv-viz", "--config", path]) == 0
     out = capsys.readouterr().out
     assert "[featinv-viz] 2 images of class 'bird' × 2 concepts" in out
-    folder = cfg.storage + "/results/study/featinv_viz"
+    folder = Location(cfg.storage + "/results/study/featinv_viz").current().uri  # the published version
     results = json.loads(open(f"{folder}/results.json").read())
     shown, seeds = results["shown"], results["seeds"]
     assert seeds == [100, 101] and len(shown) == 2 and results["composition"]["region"] == [2, 7, 2, 7]

@@ -152,7 +152,7 @@ def test_truncated_affine_rejects_means_of_the_wrong_length():
 
 
 def test_runs_without_training_means_must_be_refitted():
-    from featmap_ray.stages.evaluate import train_means
+    from featmap_ray.stages.analyze import train_means
 
     with pytest.raises(ValueError, match=r"mapping run t--affine--x .*no train_means.*re-fit it"):
         train_means({"spec": {}}, "t--affine--x (/runs/x)")

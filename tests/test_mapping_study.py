@@ -3,7 +3,6 @@ is a Ray Train TorchTrainer, MLflow records it; then evaluate, analyze and repor
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -67,7 +66,7 @@ def _mlflow_runs(cfg):
 
 def test_grid_fits_every_run_and_ridge_recovers_the_affine_map(fitted_study):
     from featmap_ray.mapping.artefacts import finished_runs, load_run
-    from featmap_ray.stages.evaluate import raw_affine
+    from featmap_ray.stages.analyze import raw_affine
 
     cfg, summary = fitted_study
     assert summary.failed == {} and len(summary.fitted) == 3
@@ -151,10 +150,12 @@ def test_evaluate_scores_runs_and_baselines(fitted_study):
 
 
 def test_analyze_and_report(fitted_study):
+    from featmap_ray.io import tables as store
+    from featmap_ray.stages import analyze, report
     from featmap_ray.stages import evaluate as stages
 
     cfg, _ = fitted_study
-    frames = stages.run_analyze(cfg)
+    frames = analyze.run_analyze(cfg)
     svd = frames["svd"].set_index("model")
     assert len(frames["svd"]) == 3
     a, _ = mt.affine_truth(SHAPE[0])
@@ -166,9 +167,9 @@ def test_analyze_and_report(fitted_study):
     wxb = frames["weight_bias"]
     assert set(wxb["family"]) == {"photometric", "geometric"}
 
-    if stages.store.open_table(stages.results_uri(cfg, "evaluations")) is None:
+    if store.open_table(stages.results_uri(cfg, "evaluations")) is None:
         stages.run_evaluate(cfg)
-    summary = stages.run_report(cfg)
+    summary = report.run_report(cfg)
     pngs = list(summary.parent.glob("*.png"))
     assert summary.exists() and len(pngs) >= 4
     assert "cos_median_upper" in summary.read_text()
@@ -228,6 +229,8 @@ def test_sweep_keeps_the_best_trial(tmp_path, ray_session):
 def test_killed_fit_resumes_from_its_checkpoint(tmp_path):
     """SIGKILL the whole `featmap fit` (driver, Tune, Train), run the same command again: it goes on
     after the last checkpointed epoch."""
+    from featmap_ray.mapping.artefacts import finished_runs, read_info
+
     mt.write_tables(str(tmp_path), shape=SHAPE, n_train=96, n_test=4)
     cfg = study_config(tmp_path, datasets={"t": {"g": {"manipulations": ["hue_shift_60"], "models": ["linear"]}}},
                        training={"max_epochs": 40, "patience": 40, "lr": 1e-4, "batch_size": 4, "accumulate": 1})
@@ -247,7 +250,8 @@ def test_killed_fit_resumes_from_its_checkpoint(tmp_path):
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    info = json.loads(next((tmp_path / "mapping" / "runs").glob("*/*/run.json")).read_text())
+    [run] = finished_runs(cfg)
+    info = read_info(run)
     assert info["resumed_at"] and info["resumed_at"][0] >= 1  # continued after a finished epoch
     assert [h["epoch"] for h in info["history"]] == list(range(40))
 
@@ -346,7 +350,9 @@ def test_a_changed_setting_trains_a_new_model_from_scratch(tmp_path, ray_session
             "training": {"max_epochs": 3, "patience": 3, "lr": 1e-2, "batch_size": 8, "accumulate": 1}}
 
     def run(**changes):
-        summary = fit.run_study(study_config(tmp_path, **{**base, **changes}))
+        # Settings changed under the same run keys: --overwrite retrains those runs (without it fit refuses,
+        # see tests/test_provenance_study.py).
+        summary = fit.run_study(study_config(tmp_path, **{**base, **changes}).model_copy(update={"overwrite": True}))
         runs = {load_run(d)[1].model: load_run(d)[2] for d in finished_runs(study_config(tmp_path, **base))}
         return sorted(k.split("--")[-2] for k in summary.fitted), sorted(k.split("--")[-2] for k in summary.skipped), runs
 
@@ -381,20 +387,22 @@ def test_mapped_features_of_a_run_feed_reconstruction(fitted_study):
 
     from featmap_ray.io import tables
     from featmap_ray.mapping.artefacts import finished_runs, load_run
-    from featmap_ray.stages.mapped import mapped_features
+    from featmap_ray.stages.mapped import mapped_features, mapped_pairs
 
     cfg, _ = fitted_study
     ridge = next(d for d in finished_runs(cfg) if load_run(d)[1].model == "ridge")
-    ds, keys = mapped_features(cfg, ridge.name, split="test")
-    table = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("source_id")
-    assert [tuple(k) for k in zip(table["source_id"].to_pylist(), table["variant"].to_pylist())] == sorted(keys)
+    run_dir, info, pairs = mapped_pairs(cfg, ridge.name, split="test")
+    assert info["spec"]["manipulation"] == "hue_shift_60"
+    table = pa.concat_tables(ray.get(mapped_features(run_dir, pairs, "test").to_arrow_refs())).sort_by("source_id")
+    assert [tuple(k) for k in zip(table["source_id"].to_pylist(), table["variant"].to_pylist())] == sorted(
+        (sid, "hue_shift_60") for sid in pairs.source_ids)
     x, y = mt.read_pairs(cfg.storage, "hue_shift_60", split="test")
     model = load_run(ridge)[0]
     expected = model(x.float()).detach().numpy()
     np.testing.assert_allclose(tables.tensor_numpy(table["feature"]), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(expected, y.numpy(), atol=1e-2)  # and it is the true edit
     with pytest.raises(FileNotFoundError, match="no finished mapping run"):
-        mapped_features(cfg, "nope")
+        mapped_pairs(cfg, "nope")
 
 
 @pytest.mark.slow

@@ -91,9 +91,9 @@ def test_files_are_in_the_bucket(bucket_study):
     assert (root / "mapping" / "norm" / "t" / "convnext_base" / "stage3.json").read_json()["count"] == 6
     assert artefacts.read_info(root / "mapping" / "sweeps" / STUDY / "best") is not None
     assert (root / "mapping" / "sweeps" / STUDY / "best.json").read_json()["trials"] == 2
-    report = root / "reports" / STUDY
+    report = (root / "reports" / STUDY).current()  # versioned folders: the published version
     assert "FeatMap study" in (report / "report.md").read_text() and report.glob("*.png")
-    assert (root / "featinv" / "inv" / "controlnet" / "config.json").exists()
+    assert ((root / "featinv" / "inv" / "controlnet").current() / "config.json").exists()
     assert (root / "mapping" / "tune").iterdir()  # Ray Tune's experiment state
 
 

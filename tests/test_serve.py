@@ -106,13 +106,15 @@ def service(tmp_path_factory):
     registered = tracking.register_model(cfg, run_id, str(folders["other"]), "controlnet", "featinv-test",
                                          {}).registered
 
-    # A published mapping run (a linear map) with its MLflow run.
+    # A published mapping run (a linear map) with its MLflow run; its provenance names no input features, so it
+    # is never stale.
     spec = grid.RunSpec(dataset="t", group="direct", backbone="convnext_base", layer="stage3",
                         manipulation="hue_shift_60", model="linear", loss_name="paper", loss={"mse": 1.0},
                         apply_transform=False, normalise=False)
     torch.manual_seed(1)
     artefacts.publish(artefacts.run_dir(cfg, spec), artefacts.build_mapping(spec, SHAPE, None),
-                      {"spec": spec.to_dict(), "shape": list(SHAPE), "norm": None, "digest": "d"})
+                      {"spec": spec.to_dict(), "shape": list(SHAPE), "norm": None, "digest": "d",
+                       "provenance": {"settings": {}, "inputs": {}}})
     client, mapping_run_id = tracking.child_run(cfg, spec.key, spec.tags, parent=None, params={}, digest="d")
     tracking.log_metrics(client, mapping_run_id, {"eval_cos_median_upper": 0.75})
 
@@ -264,7 +266,8 @@ def test_a_stored_sample_uses_the_stored_map_and_image(service):
 def test_the_mapped_route_applies_the_runs_weights_then_inverts(service):
     spec = service["spec"]
     data, _, source_map, source_logits = _uploaded(seed=8)
-    weights = load_file(str(artefacts.run_dir(service["cfg"], spec) / artefacts.MODEL_FILE))
+    published = artefacts.published_version(artefacts.run_dir(service["cfg"], spec))
+    weights = load_file(str(published / artefacts.MODEL_FILE))
     w, b = weights["inner.proj.weight"].numpy(), weights["inner.proj.bias"].numpy()
     mapped = np.einsum("oc,chw->ohw", w, source_map) + b[:, None, None]  # one affine map at every position
     response = _post(service, "/reconstruct/mapped", {"run": spec.key}, data=data)

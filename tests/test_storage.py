@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from featmap_ray.io import tables
-from featmap_ray.io.files import Location, is_remote
+from featmap_ray.io.files import POINTER, Location, is_remote
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -59,22 +59,42 @@ def test_listing_glob_and_delete(root):
     assert Location(str(root / "missing")).iterdir() == [] and (root / "missing").glob("*") == []
 
 
-def test_staged_replaces_the_whole_folder_only_on_success(root):
+def test_publish_makes_a_new_version_current_only_on_success(root):
     target = root / "report"
-    with target.staged() as out:
+    assert target.current() is None
+    with target.publish() as out:
         (out / "old.png").write_bytes(b"old")
         (out / "report.md").write_text("v1")
+    first = target.current()
     with pytest.raises(RuntimeError):
-        with target.staged() as out:
+        with target.publish() as out:
             (out / "report.md").write_text("half")
             raise RuntimeError("crash while writing")
-    assert (target / "report.md").read_text() == "v1"
-    with target.staged(marker="report.md") as out:
+    assert target.current() == first and (first / "report.md").read_text() == "v1"
+    assert [p.name for p in target.iterdir()] == [POINTER, first.name]  # the failed version left nothing
+    with target.publish() as out:
         (out / "sub").mkdir()
         (out / "sub" / "fig.png").write_bytes(b"new")
         (out / "report.md").write_text("v2")
-    assert [p.name for p in target.iterdir()] == ["report.md", "sub"]  # old.png went with v1
-    assert (target / "sub" / "fig.png").read_bytes() == b"new" and (target / "report.md").read_text() == "v2"
+    second = target.current()
+    assert [p.name for p in second.iterdir()] == ["report.md", "sub"]  # old.png went with v1
+    assert (second / "sub" / "fig.png").read_bytes() == b"new" and (second / "report.md").read_text() == "v2"
+    assert (first / "report.md").read_text() == "v1"  # kept for a reader still reading it
+    with target.publish() as out:
+        (out / "report.md").write_text("v3")
+    third = target.current()
+    assert [p.name for p in target.iterdir()] == [POINTER, second.name, third.name]  # v1 went after v3 was current
+
+
+def test_an_older_version_finished_late_does_not_replace_a_newer_one(root):
+    target = root / "model"
+    with target.publish() as slow:  # started first ...
+        (slow / "w").write_bytes(b"slow")
+        with target.publish() as fast:  # ... and overtaken by a writer that started later
+            (fast / "w").write_bytes(b"fast")
+        newer = target.current()
+    assert target.current() == newer and (newer / "w").read_bytes() == b"fast"
+    assert [p.name for p in target.iterdir()] == [POINTER, newer.name]
 
 
 def test_upload_local_copy_and_copy_between_stores(root, tmp_path):

@@ -50,16 +50,54 @@ def test_feature_tensors_round_trip_through_ray_and_plain_readers(tmp_path):
 
 def test_failures_are_upserted_and_cleared(tmp_path):
     st = tables.Store(str(tmp_path))
-    st.record_errors("ingest", [{"key": "a/original", "reason": "truncated", "message": "m1"},
-                                {"key": "b/original", "reason": "empty_file", "message": "m2"}])
-    st.record_errors("ingest", [{"key": "a/original", "reason": "not_an_image", "message": "m3"}])
-    st.record_errors("extract:x", [{"key": "a/original", "reason": "non_finite", "message": "m4"}])
-    rows = {(r["stage"], r["key"]): r["reason"] for r in st.errors().to_pylist()}
-    assert rows == {("ingest", "a/original"): "not_an_image", ("ingest", "b/original"): "empty_file",
-                    ("extract:x", "a/original"): "non_finite"}
-    st.clear_errors("ingest", ["a/original", "zzz"])
+    images, features = st.layout.images, st.layout.features("b", "x")
+    st.record_errors("ingest", images, [{"key": "a/original", "reason": "truncated", "message": "m1"},
+                                        {"key": "b/original", "reason": "empty_file", "message": "m2"}])
+    st.record_errors("ingest", images, [{"key": "a/original", "reason": "not_an_image", "message": "m3"}])
+    st.record_errors("extract:b", features, [{"key": "a/original", "reason": "non_finite", "message": "m4"}])
+    rows = {(r["stage"], r["target"], r["key"]): r["reason"] for r in st.errors().to_pylist()}
+    assert rows == {("ingest", "images", "a/original"): "not_an_image",
+                    ("ingest", "images", "b/original"): "empty_file",
+                    ("extract:b", "features/b/x", "a/original"): "non_finite"}
+    version = lance.dataset(st.layout.errors).version
+    st.clear_errors("ingest", images, ["zzz"])  # nothing recorded to clear: no commit
+    assert lance.dataset(st.layout.errors).version == version
+    st.clear_errors("ingest", images, ["a/original", "zzz"])
     assert [(r["stage"], r["key"]) for r in st.errors("ingest").to_pylist()] == [("ingest", "b/original")]
-    assert st.errors("extract:x").num_rows == 1
+    assert st.errors("extract:b", features).num_rows == 1 and st.errors(target=images).num_rows == 1
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_failures_of_two_runs_on_one_image_are_two_rows_and_a_success_clears_only_its_own(tmp_path):
+    """recon-eval's table is keyed (run, source_id): its failures are keyed the same way."""
+    st = tables.Store(str(tmp_path))
+    schema = pa.schema([tables.key_field("run"), tables.key_field("source_id"), pa.field("variant", pa.string()),
+                        pa.field("score", pa.float64())])
+    target = tables.Target(st.layout.results("study", "reconstructions"), schema, key=("run", "source_id"))
+
+    def evaluate(outcomes: dict[str, str | None]) -> base.StageSummary:  # run -> error reason (None: success)
+        rows = [{"run": run, "source_id": "img", "variant": "rotation_90", "score": None if error else 1.0,
+                 **(tables.failure(error, f"{run} on img") if error else tables.failure(None, None))}
+                for run, error in outcomes.items()]
+        return base.write_stage(st, "recon-eval", ray.data.from_items(rows), [target], rows_per_commit=4, skipped=0)
+
+    assert evaluate({"run-a": "non_finite", "run-b": "RuntimeError"}).failed == 2
+    errors = st.errors("recon-eval").to_pylist()
+    assert {(e["target"], e["key"]): e["reason"] for e in errors} == {
+        ("results/study/reconstructions", "run-a/img"): "non_finite",
+        ("results/study/reconstructions", "run-b/img"): "RuntimeError"}
+    assert evaluate({"run-a": None}).written == {target.uri: 1}
+    assert [e["key"] for e in st.errors("recon-eval", target.uri).to_pylist()] == ["run-b/img"]
+
+
+def test_an_errors_table_of_the_older_schema_is_refused_before_anything_is_written(tmp_path):
+    st = tables.Store(str(tmp_path))
+    older = pa.schema([tables.key_field("stage"), tables.key_field("key"), pa.field("reason", pa.string())])
+    lance.write_dataset(older.empty_table(), st.layout.errors, schema=older)
+    with pytest.raises(tables.SchemaMismatch, match="older featmap.*Delete that table"):
+        base.write_stage(st, "ingest", None, [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)],
+                         rows_per_commit=4, skipped=0)
+    assert tables.open_table(st.layout.images) is None
 
 
 def test_existing_table_with_another_shape_is_refused(tmp_path):

@@ -15,6 +15,7 @@ import yaml
 from featmap_ray import cli
 from featmap_ray.config import Config, ConfigError, load_config
 from featmap_ray.io import tables, tracking
+from featmap_ray.stages import info
 from tests import ray_cluster
 
 
@@ -93,15 +94,15 @@ def test_runs_page_url_and_describe(tmp_path):
     assert tracking.runs_page_url(server, "3") == "http://mlflow.internal:5000/#/experiments/3/runs"
     assert tracking.ui_command(server) is None
 
-    text = cli.describe(cfg)
+    text = info.describe(cfg)
     assert "no experiment 'featmap' yet" in text and not (tmp_path / "store").exists()
     exp_id = tracking.experiment_id(cfg)
-    text = cli.describe(cfg)
+    text = info.describe(cfg)
     assert f"  mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}\n" in text
     assert text.endswith(f"  MLflow runs: http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
     assert tracking.runs_page_line(cfg).startswith(f"[mlflow] runs: http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
     down = _cfg(tmp_path, tracking_uri=f"http://127.0.0.1:{ray_cluster.free_ports(1)[0]}")  # nothing listens there
-    assert f"  MLflow runs: {down.mlflow.tracking_uri} (cannot read {down.mlflow.tracking_uri}: " in cli.describe(down)
+    assert f"  MLflow runs: {down.mlflow.tracking_uri} (cannot read {down.mlflow.tracking_uri}: " in info.describe(down)
 
 
 # -- the runs of a study ----------------------------------------------------------------------------
@@ -165,6 +166,16 @@ def mlflow_server(tmp_path_factory):
     server, url = ray_cluster.start_mlflow(root, ray_cluster.clean_env(), str(root / "artifacts"))
     yield url, root / "artifacts"
     server.stop()
+
+
+def test_find_experiment_id_asks_a_tracking_server_without_creating_anything(mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    url, _ = mlflow_server
+    cfg = _cfg(tmp_path, tracking_uri=url, experiment="looked_up")
+    assert tracking.find_experiment_id(cfg) is None
+    assert MlflowClient(url).get_experiment_by_name("looked_up") is None  # looking created nothing
+    assert tracking.find_experiment_id(cfg) == tracking.experiment_id(cfg)
 
 
 def test_stage_runs_log_through_a_tracking_server(mlflow_server, tmp_path):

@@ -47,3 +47,18 @@ def stored_views(st: tables.Store, keys: Iterable[tuple[str, str]], size: int) -
     """The backbone views of the stored images of (source_id, variant) `keys`; keys without an image are absent."""
     table = st.rows(st.layout.images, keys, ["image"])
     return {(r["source_id"], r["variant"]): backbone_view(r["image"], size) for r in table.to_pylist()}
+
+
+def check_featinv(cfg: Config) -> None:
+    """Before any FeatInv command starts Ray: the backbone and layer FeatInv inverts and their weights, the
+    ControlNet's source (featinv.controlnet as a folder, runs:/ or models:/) and the Stable Diffusion base model."""
+    from featmap_ray.io import tracking
+
+    request, _ = featinv_backbone(cfg)
+    backbones.check_weights(backbones.get_spec(request.name), request)
+    if cfg.featinv.controlnet:
+        tracking.model_source(cfg, cfg.featinv.controlnet)  # ModelNotFound (a FileNotFoundError) names what is missing
+    if cfg.featinv.base_model != "tiny":
+        from featmap_ray.featinv import loading  # imports diffusers: after the cheap checks
+
+        loading.resolve_base_dir(cfg.featinv.base_model, local_files_only=True)

@@ -150,7 +150,10 @@ def local_folder(cfg: Config, source: tracking.ModelSource) -> Iterator[str]:
         with tempfile.TemporaryDirectory() as tmp:
             yield tracking.download_model(cfg, source, tmp)
     else:
-        with Location(source.uri).local_copy() as local:
+        # A folder featmap published (featmap featinv-train) holds versions behind a pointer; any other
+        # (a diffusers `save_pretrained`, a training checkpoint, a download) is read as it is.
+        folder = Location(source.uri)
+        with (folder.current() or folder).local_copy() as local:
             yield local
 
 

@@ -11,19 +11,29 @@ Credentials and endpoints come from the environment, never from code: the standa
 server, `AWS_ALLOW_HTTP=true` for a plain-http one) or an instance profile, and for GCS
 `GOOGLE_APPLICATION_CREDENTIALS`. pyarrow, Lance, Ray and boto3 (MLflow) all read the same variables.
 
-Object stores have no atomic rename of a folder, so a multi-file artefact is published by writing its
-files first and its marker file (e.g. a mapping run's run.json) last: a reader that finds the marker
-finds the rest. Single files are written atomically everywhere (a local temporary file and a rename;
-an object-store PUT is atomic by itself).
+Single files are written atomically everywhere (a local temporary file and a rename; an object-store
+PUT is atomic by itself). Object stores have no atomic rename of a folder, so a multi-file artefact (a
+mapping run, a FeatInv model, a report) is versioned the same way on every backend:
+
+    <artefact>/CURRENT           the name of the published version: one small file, written last
+    <artefact>/v-<time>-<random>/ one version's files
+
+`Location.publish` writes a new version folder, then points CURRENT at it (os.replace locally, one PUT
+in an object store: both atomic; pyarrow.fs offers no conditional PUT), and only then deletes older
+versions, keeping the one it replaced for readers still reading it. Readers resolve the pointer with
+`Location.current` and never look at a version it does not name, so a writer killed at any point
+leaves the previous version readable; its unfinished folder is deleted by the next publish.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fnmatch
 import functools
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +42,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+
+POINTER = "CURRENT"  # in a versioned artefact folder: the name of its published version
+VERSION_PREFIX = "v-"
 
 
 def is_remote(uri: str) -> bool:
@@ -208,34 +221,51 @@ class Location:
             pafs.copy_files(self.path, tmp, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
             yield Path(tmp)
 
+    # -- versioned folders (module doc) ----------------------------------------------------------------
+    def current(self) -> Location | None:
+        """The published version of this versioned folder (the folder CURRENT names), or None when
+        nothing was published here."""
+        try:
+            name = (self / POINTER).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return self / name
+
     @contextlib.contextmanager
-    def staged(self, marker: str | None = None) -> Iterator[Path]:
-        """A local folder to write this folder's new contents into; on success they replace what was
-        here, on an error nothing changes. Locally the swap is one rename. In an object store the old
-        `marker` file goes first, then the old objects, then the new files are uploaded with `marker`
-        last, so a reader that finds the marker finds a complete folder."""
+    def publish(self) -> Iterator[Path]:
+        """A local folder to write a new version of this artefact into; when the block ends without an
+        error, the version is complete here and becomes the published one (on an error nothing is
+        published). Locally it is the version folder itself; for an object store, a temporary folder
+        uploaded as the version afterwards."""
+        # Names sort by creation time: a version never replaces a newer one (`_point_to`).
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        version = self / f"{VERSION_PREFIX}{stamp}-{secrets.token_hex(4)}"
         if self.is_local:
-            path = self.local_path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+            folder = version.local_path
+            folder.mkdir(parents=True)
             try:
-                yield tmp
+                yield folder
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
                 raise
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="featmap-") as tmp:
+                yield Path(tmp)
+                for file in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+                    (version / file.relative_to(tmp).as_posix()).upload(file)
+        self._point_to(version)
+
+    def _point_to(self, version: Location) -> None:
+        """Publish `version` (complete) by one write of the pointer, then delete what is neither it, the
+        version it replaces, nor newer (a concurrent writer's, still being written)."""
+        previous = self.current()
+        if previous is not None and previous.name > version.name:
+            version.delete()  # a newer version was published while this one was written: it stays
             return
-        with tempfile.TemporaryDirectory(prefix="featmap-") as tmp:
-            yield Path(tmp)
-            if marker:
-                (self / marker).delete()
-            self.delete()
-            last = Path(tmp, marker) if marker else None
-            for file in sorted(p for p in Path(tmp).rglob("*") if p.is_file() and p != last):
-                (self / file.relative_to(tmp).as_posix()).write_bytes(file.read_bytes())
-            if last is not None and last.exists():
-                (self / marker).write_bytes(last.read_bytes())
+        (self / POINTER).write_text(version.name)
+        keep = {POINTER, version.name, previous.name if previous else None}
+        for entry in self.iterdir():
+            # Hidden entries are a concurrent writer's temporary files (see write_bytes).
+            if entry.name not in keep and not entry.name.startswith(".") and not (
+                    entry.name.startswith(VERSION_PREFIX) and entry.name > version.name):
+                entry.delete()

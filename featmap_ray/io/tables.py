@@ -4,7 +4,8 @@ Layout under one storage root (a local folder or an object-store URI):
 
     images.lance                      originals and manipulated variants, key (source_id, variant)
     features/<backbone>/<layer>.lance one (C, H, W) tensor per image variant, same key
-    errors.lance                      what failed and why, key (stage, key)
+    errors.lance                      what failed and why, key (stage, target, key): `target` is the table or
+                                      artefact the row was meant for, `key` that table's key values
     reconstructions/<backbone>/<layer>.lance  FeatInv images of feature maps, key (source_id, variant, generator, seed)
 
 Stages write through `KeyedLanceSink`, a Ray Data datasink whose every write task inserts its rows
@@ -62,7 +63,8 @@ IMAGES_SCHEMA = pa.schema(
 ERRORS_SCHEMA = pa.schema(
     [
         key_field("stage"),
-        key_field("key"),
+        key_field("target"),  # the table or artefact under the storage root (Layout.name), e.g. "features/x/y"
+        key_field("key"),  # the target's key columns of the row, joined by "/" (key_string)
         pa.field("source_id", pa.string()),
         pa.field("variant", pa.string()),
         pa.field("path", pa.string()),
@@ -75,8 +77,8 @@ ERRORS_SCHEMA = pa.schema(
 RECONSTRUCTION_KEY = ("source_id", "variant", "generator", "seed")
 
 
-def reconstructions_schema(metadata: dict[str, Any]) -> pa.Schema:
-    """Schema of a reconstructions table; `metadata` records the FeatInv model and sampling settings."""
+def reconstructions_schema() -> pa.Schema:
+    """Schema of a reconstructions table (what made each generator's rows: its provenance, stages.base)."""
     return pa.schema(
         [
             key_field("source_id"),
@@ -93,7 +95,6 @@ def reconstructions_schema(metadata: dict[str, Any]) -> pa.Schema:
             pa.field("top1_match", pa.bool_()),  # the reconstruction's top-1 is the source's top-1
             pa.field("top5_match", pa.bool_()),  # the source's top-1 is in the reconstruction's top-5
         ],
-        metadata={"featmap": json.dumps(metadata, sort_keys=True)},
     )
 
 
@@ -131,8 +132,9 @@ def tensor_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.to_numpy_ndarray()
 
 
-def key_string(source_id: str, variant: str) -> str:
-    return f"{source_id}/{variant}"
+def key_string(*values: Any) -> str:
+    """A row's key (its key columns' values, in order) as one string: the errors table's `key`."""
+    return "/".join(map(str, values))
 
 
 def sql_list(values: Iterable[str]) -> str:
@@ -239,35 +241,55 @@ class Store:
         # The filter (Lance SQL, like every filter in this module) is pushed down to the scanner.
         return ray.data.read_lance(uri, columns=columns, scanner_options={"filter": filter} if filter else None)
 
-    # -- writing -----------------------------------------------------------------------------
-    def record_errors(self, stage: str, rows: list[dict[str, Any]]) -> None:
-        """Upsert failures on (stage, key): re-running a stage updates a failure, never duplicates it."""
+    # -- failures ----------------------------------------------------------------------------
+    def check_errors_table(self) -> None:
+        """Refuse an errors table of the older schema, keyed (stage, key) without the target: a stage
+        calls this before it writes anything. (Its rows cannot be given their target afterwards.)"""
+        ds = self.open(self.layout.errors)
+        if ds is not None and "target" not in ds.schema.names:
+            raise SchemaMismatch(
+                f"errors table {self.layout.errors} was written by an older featmap (failures keyed (stage, key)); "
+                "they are now keyed (stage, target, key). Delete that table (each stage records its failures "
+                "again when it retries them) or use another storage root.")
+
+    def record_errors(self, stage: str, target: str, rows: list[dict[str, Any]]) -> None:
+        """Upsert failures on (stage, target, key): `target` is the URI of the table (or artefact) the rows
+        were meant for, each row's `key` its key in that table (`key_string`). Re-running a stage
+        updates a failure, never duplicates it."""
         if not rows:
             return
+        self.check_errors_table()
         now = dt.datetime.now(dt.timezone.utc)
-        table = pa.Table.from_pylist([{**r, "stage": stage, "recorded_at": now} for r in rows], schema=ERRORS_SCHEMA)
+        name = self.layout.name(target)
+        table = pa.Table.from_pylist([{**r, "stage": stage, "target": name, "recorded_at": now} for r in rows],
+                                     schema=ERRORS_SCHEMA)
         ensure_table(self.layout.errors, ERRORS_SCHEMA)
-        (
-            lance.dataset(self.layout.errors)
-            .merge_insert(["stage", "key"])
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .execute(table)
-        )
+        (lance.dataset(self.layout.errors).merge_insert(["stage", "target", "key"]).when_matched_update_all()
+         .when_not_matched_insert_all().conflict_retries(COMMIT_RETRIES).execute(table))
 
-    def clear_errors(self, stage: str, keys: Iterable[str]) -> None:
-        """Forget earlier failures of keys that have now succeeded."""
-        recorded = set(self.errors(stage)["key"].to_pylist())
-        stale = sorted(recorded.intersection(keys))
+    def clear_errors(self, stage: str, target: str, keys: Iterable[str]) -> None:
+        """Forget the failures of (stage, target) whose keys have now succeeded: one read of that pair's
+        recorded keys (a filtered scan, usually of nothing) and one delete of those that succeeded."""
         ds = self.open(self.layout.errors)
-        for start in range(0, len(stale), 1000):
-            ds.delete(f"stage = '{stage}' AND key IN ({sql_list(stale[start:start + 1000])})")
+        if ds is None:
+            return
+        self.check_errors_table()
+        where = f"stage = {sql_list([stage])} AND target = {sql_list([self.layout.name(target)])}"
+        recorded = set(ds.to_table(columns=["key"], filter=where)["key"].to_pylist())
+        stale = sorted(recorded.intersection(keys))
+        if stale:  # a delete commits a table version even when it matches nothing
+            ds.delete(f"{where} AND key IN ({sql_list(stale)})")
 
-    def errors(self, stage: str | None = None) -> pa.Table:
+    def errors(self, stage: str | None = None, target: str | None = None) -> pa.Table:
+        """The recorded failures, of one stage and / or one target (a URI under the root) when given."""
         ds = self.open(self.layout.errors)
         if ds is None:
             return ERRORS_SCHEMA.empty_table()
-        return ds.to_table(filter=None if stage is None else f"stage = '{stage}'")
+        self.check_errors_table()
+        where = [f"{column} = {sql_list([value])}" for column, value in
+                 (("stage", stage), ("target", None if target is None else self.layout.name(target)))
+                 if value is not None]
+        return ds.to_table(filter=" AND ".join(where) or None)
 
 
 @dataclass(frozen=True)
@@ -278,6 +300,11 @@ class Target:
     schema: pa.Schema
     columns: dict[str, str] = field(default_factory=dict)
     key: tuple[str, ...] = KEY  # the columns that identify a row: a key already stored is not written again
+
+    @property
+    def batch_key(self) -> tuple[str, ...]:
+        """The batch columns that hold the key."""
+        return tuple(self.columns.get(c, c) for c in self.key)
 
     def rows(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:  # e.g. a batch whose forward pass failed carries no feature columns

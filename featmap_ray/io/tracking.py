@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
+import logging
 import re
 import tempfile
 import time
@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featmap_ray.config import Config
+
+log = logging.getLogger(__name__)
 
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"  # MLflow 3's UI: the runs page, not the GenAI overview
@@ -76,13 +78,26 @@ def _client(cfg: Config):
     return MlflowClient(tracking_uri(cfg))
 
 
+@contextlib.contextmanager
+def fluent_tracking(cfg: Config) -> Iterator[None]:
+    """mlflow's fluent API (`mlflow.start_run`, `mlflow.log_metrics`, ...) records to `tracking_uri(cfg)`
+    inside the block. Not through `mlflow.set_tracking_uri`: that also exports MLFLOW_TRACKING_URI into
+    os.environ, for every process started afterwards (Ray workers, commands run from this one) to
+    inherit. mlflow offers no other way, so this sets the module state its fluent API reads."""
+    from mlflow.tracking._tracking_service import utils
+
+    previous = utils._tracking_uri
+    utils._tracking_uri = tracking_uri(cfg)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = previous
+
+
 def experiment_id(cfg: Config) -> str:
-    """The experiment's id, creating it (tagged, with its artefact location) when missing; also
-    sets the process's tracking URI for mlflow's fluent API."""
-    import mlflow
+    """The experiment's id, creating it (tagged, with its artefact location) when missing."""
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
     client = _client(cfg)
     name = cfg.mlflow.experiment
     exp = client.get_experiment_by_name(name)
@@ -106,19 +121,33 @@ def find_experiment_id(cfg: Config) -> str | None:
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return None
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     try:
+        if is_server(uri):
+            return _server_experiment_id(uri, cfg.mlflow.experiment)
         exp = _client(cfg).get_experiment_by_name(cfg.mlflow.experiment)
     except Exception as e:
         raise RuntimeError(f"cannot read {uri}: {str(e).splitlines()[0][:200]}") from e
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return exp.experiment_id if exp is not None else None
+
+
+def _server_experiment_id(uri: str, name: str) -> str | None:
+    """One request to the server's REST API (experiments/get-by-name), without retries and with a
+    5 s timeout, passed explicitly: MlflowClient reads both from os.environ only, and retries for
+    minutes by default."""
+    from mlflow.exceptions import RestException
+    from mlflow.utils import rest_utils
+    from mlflow.utils.credentials import get_default_host_creds
+
+    endpoint = "/api/2.0/mlflow/experiments/get-by-name"
+    response = rest_utils.http_request(get_default_host_creds(uri), endpoint, "GET", max_retries=0, timeout=5,
+                                       params={"experiment_name": name})
+    try:
+        rest_utils.verify_rest_response(response, endpoint)
+    except RestException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return response.json()["experiment"]["experiment_id"]
 
 
 def ui_base(cfg: Config) -> str:
@@ -275,7 +304,8 @@ def stage_run(cfg: Config, stage: str, inputs: Iterable[TableInput | None] = (),
     import mlflow
 
     exp = experiment_id(cfg)
-    with mlflow.start_run(experiment_id=exp, run_name=stage) as run:
+    # mlflow's own context ends the run FAILED when the block raises.
+    with fluent_tracking(cfg), mlflow.start_run(experiment_id=exp, run_name=stage) as run:
         mlflow.set_tags({"stage": stage, "dataset": cfg.dataset.name, "featmap.level": "stage"})
         mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
         client = _client(cfg)
@@ -353,6 +383,24 @@ def end_stage_run(cfg: Config, run_id: str, metrics: dict[str, float], artefacts
     parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
     if parent:
         client.set_terminated(parent, status=status)
+
+
+@contextlib.contextmanager
+def study_stage(cfg: Config, stage: str, inputs: Iterable[TableInput | None] = (),
+                context: str = "training") -> Iterator[str]:
+    """`study_stage_run` for the block, which ends it with `end_stage_run`. An exception escaping the
+    block ends the run and the study's run FAILED, with the error as a tag (unless the block ended
+    them already), so no stage run stays RUNNING after its stage stopped."""
+    run_id = study_stage_run(cfg, stage, inputs, context)
+    try:
+        yield run_id
+    except BaseException as e:
+        try:
+            if _client(cfg).get_run(run_id).info.status == "RUNNING":
+                end_stage_run(cfg, run_id, {}, status="FAILED", error=f"{type(e).__name__}: {e}")
+        except Exception as failure:  # the stage's own error is the one to raise
+            log.warning("could not end MLflow run %s as FAILED: %s", run_id, failure)
+        raise
 
 
 # -- mapping runs (children of a fit or sweep stage run) --------------------------------------------

@@ -15,6 +15,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,9 +71,18 @@ def pipeline_class_name(edit: EditConfig) -> str:
     """The diffusers pipeline class the config's model uses; WeightsNotFound when the model is not here."""
     if edit.model == TINY:
         return TINY_PIPELINE
-    root = pretrained.local_model_dir(edit.model, what="image-editing model (edit.model)", default_id=DEFAULT_MODEL,
+    return json.loads((model_dir(edit) / "model_index.json").read_text())["_class_name"]
+
+
+def model_dir(edit: EditConfig) -> Path:
+    """The folder of edit.model (not "tiny"): a local folder or its snapshot in the Hugging Face cache."""
+    return pretrained.local_model_dir(edit.model, what="image-editing model (edit.model)", default_id=DEFAULT_MODEL,
                                       required=["model_index.json"])
-    return json.loads((root / "model_index.json").read_text())["_class_name"]
+
+
+def weights_identity(edit: EditConfig) -> str:
+    """Which weights the edits come from, told apart without reading them (`pretrained.weights_identity`)."""
+    return "tiny: random weights from fixed seeds" if edit.model == TINY else pretrained.weights_identity(model_dir(edit))
 
 
 def check(edit: EditConfig) -> str:
@@ -157,8 +167,7 @@ def load_pipeline(edit: EditConfig, device: str = "cpu"):
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
-        root = pretrained.local_model_dir(edit.model, what="image-editing model (edit.model)",
-                                          default_id=DEFAULT_MODEL, required=["model_index.json"])
+        root = model_dir(edit)
         # bfloat16 at load time: loading fp32 then casting needs ~4x the host memory (QwenLM/Qwen-Image#74).
         placement = {"device_map": "balanced"} if edit.num_gpus > 1 else {}
         pipe = DiffusionPipeline.from_pretrained(root, dtype=dtype, low_cpu_mem_usage=True, **placement)
@@ -198,7 +207,7 @@ def call_settings(edit: EditConfig) -> dict[str, Any]:
 def recorded_settings(edit: EditConfig, pipeline_class: str) -> dict[str, Any]:
     """What made an edit, stored with it (with the prompt): a re-run with other settings is refused."""
     return {"model": edit.model, "pipeline": pipeline_class, "dtype": edit.dtype,
-            "working_pixels": edit.working_pixels, **call_settings(edit)}
+            "working_pixels": edit.working_pixels, "vae_tiling": edit.vae_tiling, **call_settings(edit)}
 
 
 def edit_images(pipe, requests: Sequence[EditRequest], edit: EditConfig) -> list[Image.Image]:

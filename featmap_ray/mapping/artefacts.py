@@ -1,14 +1,17 @@
 """A mapping run's artefacts: the model it publishes, how to build it, and where it lives.
 
 Every stage that uses a fitted run (evaluate, analyze, apply, reconstruct, the service) loads it
-through `load_run`, never through the code that trained it. A published run is a folder
+through `load_run`, never through the code that trained it. A published run is a versioned folder
+(featmap_ray.io.files: local disk or an object store)
 
     <storage>/mapping/runs/<study>/<run key>/
-        model.safetensors   the best-by-validation model: raw features in, raw features out
-        run.json            spec, digest, shape, normalisation, training means, history, best epoch
+        CURRENT                 the name of the published version
+        v-<time>-<random>/
+            model.safetensors   the best-by-validation model: raw features in, raw features out
+            run.json            spec, digest, shape, normalisation, training means, history, best epoch
 
-on local disk or in an object store (featmap_ray.io.files); run.json is written last, so a folder
-holding it is a finished run, never a half-written one.
+Readers resolve CURRENT once (`Location.current`) and read both files from that version, so they see
+the old run or the new one, never half of one or a mix.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 
 from featmap_ray.config import Config
-from featmap_ray.io.files import Location
+from featmap_ray.io.files import POINTER, Location
 from featmap_ray.mapping.grid import RunSpec
 
 MODEL_FILE = "model.safetensors"
@@ -77,42 +80,51 @@ def run_dir(cfg: Config, spec: RunSpec) -> Location:
 
 def read_info(directory: str | Location) -> dict[str, Any] | None:
     """The run.json of a published run, or None when the folder holds no finished run."""
-    path = Location(directory) / RUN_FILE
-    return path.read_json() if path.exists() else None
+    version = Location(directory).current()
+    return None if version is None else (version / RUN_FILE).read_json()
 
 
 def finished_runs(cfg: Config) -> list[Location]:
-    return [p.parent for p in runs_root(cfg).glob(f"*/{RUN_FILE}")]
+    return [p.parent for p in runs_root(cfg).glob(f"*/{POINTER}")]
 
 
 # -- writing and reading a run ----------------------------------------------------------------------
 
 def publish(out_dir: str | Location, model: NormalisedMap, info: dict[str, Any]) -> None:
-    """Write a finished run: model.safetensors, then run.json (a reader sees the old run or the new
-    one, never half: see `Location.staged`)."""
+    """Publish a finished run as a new version of `out_dir`: model.safetensors and run.json (a reader
+    sees the old run or the new one, never half: see `Location.publish`)."""
     from safetensors.torch import save_file
 
-    with Location(out_dir).staged(marker=RUN_FILE) as tmp:
+    with Location(out_dir).publish() as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE))
         (tmp / RUN_FILE).write_text(json.dumps(info, indent=1, default=float))
 
 
 def copy_run(source: str | Location, out_dir: str | Location) -> None:
-    """A published run, copied as a whole to `out_dir` (like `publish`)."""
-    source = Location(source)
-    with Location(out_dir).staged(marker=RUN_FILE) as tmp:
+    """The published version of the run at `source`, published as a whole to `out_dir` (like `publish`)."""
+    version = published_version(source)
+    with Location(out_dir).publish() as tmp:
         for name in (MODEL_FILE, RUN_FILE):
-            (tmp / name).write_bytes((source / name).read_bytes())
+            (tmp / name).write_bytes((version / name).read_bytes())
 
 
 def load_run(directory: str | Location) -> tuple[NormalisedMap, RunSpec, dict[str, Any]]:
     """A finished run's best model (raw -> raw features, in eval mode), its spec and its run.json."""
     from safetensors.torch import load
 
-    info = read_info(directory)
-    if info is None:
-        raise FileNotFoundError(f"no finished mapping run in {directory} (missing {RUN_FILE})")
+    version = published_version(directory)
+    info = (version / RUN_FILE).read_json()
     spec = RunSpec.from_dict(info["spec"])
     model = build_mapping(spec, tuple(info["shape"]), info["norm"])
-    model.load_state_dict(load((Location(directory) / MODEL_FILE).read_bytes()))
+    model.load_state_dict(load((version / MODEL_FILE).read_bytes()))
     return model.eval(), spec, info
+
+
+def published_version(directory: str | Location) -> Location:
+    """The folder of the run's published version (both files come from it); FileNotFoundError when
+    `directory` holds no finished run."""
+    version = Location(directory).current()
+    if version is None:
+        raise FileNotFoundError(f"no finished mapping run in {directory} (no {POINTER}: never published, "
+                                "or its publishing was interrupted)")
+    return version

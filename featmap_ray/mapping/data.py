@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from featmap_ray import seeding
 from featmap_ray.io import tables
-from featmap_ray.io.files import Location
 
 
 @dataclass
@@ -37,7 +37,10 @@ class Pairs:
     shape: tuple[int, int, int]
     itemsize: int  # bytes per stored value (2 for float16 tables)
     version: int  # the table version the offsets refer to (later appends do not move them)
-    table_meta: str = ""  # the features table's provenance (backbone, weights, dtype), as stored
+    table_meta: str = ""  # the features table's own metadata (backbone, layer, dtype), as stored
+    # The fingerprints of the features groups read (the originals and the manipulation), as that table
+    # version records them (schema metadata only: stages.base's provenance rule).
+    groups: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.source_ids)
@@ -90,10 +93,12 @@ def load_pairs(st: tables.Store, *, dataset: str, backbone: str, layer: str, man
     variants = keys[keys["variant"] == manipulation].set_index("source_id")
     joined = originals.join(variants[["offset"]], how="inner", rsuffix="_y").sort_index()
     feature_type = table.schema.field("feature").type
+    recorded = tables.read_provenance(table)
     return Pairs(uri, joined.index.tolist(), joined["class_idx"].to_numpy(np.int64),
                  joined["offset"].to_numpy(np.int64), joined["offset_y"].to_numpy(np.int64),
                  tuple(feature_type.shape), feature_type.value_type.byte_width, table.version,
-                 (table.schema.metadata or {}).get(b"featmap", b"").decode())
+                 (table.schema.metadata or {}).get(b"featmap", b"").decode(),
+                 {g: recorded.get(g, {}).get("fingerprint", "") for g in (tables.ORIGINAL, manipulation)})
 
 
 def _rank(seed: int, source_id: str) -> str:
@@ -133,11 +138,13 @@ def _dataset(uri: str, version: int):
 
 
 def fingerprint(train: Pairs, val: Pairs) -> str:
-    """What a run is trained and validated on: the features table's provenance (backbone,
-    weights, dtype, shape) and the source images of both splits. Part of a run's digest, so
-    re-extracted features or a changed selection of images means a new model."""
-    payload = json.dumps({"meta": train.table_meta, "shape": list(train.shape), "itemsize": train.itemsize,
-                          "train": train.source_ids, "val": val.source_ids})
+    """What a run is trained and validated on: the features table (backbone, layer, dtype, shape),
+    the provenance of the two groups it reads (weights, the images they were made from, ...) and the
+    source images of both splits. Part of a run's digest, so features extracted again by other
+    settings (`extract --overwrite`) or a changed selection of images means a new model."""
+    payload = json.dumps({"meta": train.table_meta, "groups": train.groups, "shape": list(train.shape),
+                          "itemsize": train.itemsize, "train": train.source_ids, "val": val.source_ids},
+                         sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
@@ -245,21 +252,33 @@ def channel_stats(st: tables.Store, *, dataset: str, backbone: str, layer: str, 
     return ChannelStats(np.asarray(mean), np.sqrt(np.asarray(m2) / n) + 1e-6, maps)
 
 
-def cached_channel_stats(st: tables.Store, root: Location, *, dataset: str, backbone: str, layer: str) -> ChannelStats:
-    """`channel_stats`, cached per (dataset, backbone, layer) and recomputed when the number of
-    training originals in the table has changed."""
-    path = root / "norm" / dataset / backbone / f"{layer}.json"
-    ids = dataset_source_ids(st, dataset)
+def _stats_key(st: tables.Store, *, dataset: str, backbone: str, layer: str) -> str:
+    """What determines `channel_stats`: the training originals of `dataset` in the features table,
+    named by their source ids and the data files that hold their rows. Lance never rewrites a data
+    file, so maps written again (another extraction, `--overwrite`, a table made anew) are in other
+    files; a compaction also moves them, which only costs a recomputation."""
     uri = st.layout.features(backbone, layer)
     table = st.open(uri)
     if table is None:
         raise FileNotFoundError(f"no features table for backbone {backbone!r} layer {layer!r} at {uri}")
-    current = len(set(table.to_table(columns=["source_id"], filter=f"variant = '{tables.ORIGINAL}' AND split = 'train'")
-                      ["source_id"].to_pylist()) & ids)
+    rows = table.to_table(columns=["source_id"], filter=f"variant = '{tables.ORIGINAL}' AND split = 'train'",
+                          with_row_address=True)
+    ids = dataset_source_ids(st, dataset)
+    chosen = [i for i, sid in enumerate(rows["source_id"].to_pylist()) if sid in ids]
+    fragments = {address >> 32 for address in rows["_rowaddr"].take(chosen).to_pylist()}  # high 32 bits: fragment
+    files = sorted(f.path for fragment in fragments for f in table.get_fragment(fragment).data_files())
+    return seeding.fingerprint({"source_ids": sorted(rows["source_id"].take(chosen).to_pylist()), "files": files})
+
+
+def cached_channel_stats(st: tables.Store, *, dataset: str, backbone: str, layer: str) -> ChannelStats:
+    """`channel_stats`, cached per (dataset, backbone, layer) at `Layout.norm_stats`, and recomputed
+    when what determines them (`_stats_key`) has changed."""
+    path = st.layout.norm_stats(dataset, backbone, layer)
+    key = _stats_key(st, dataset=dataset, backbone=backbone, layer=layer)
     if path.exists():
-        cached = ChannelStats.from_json(path.read_json())
-        if cached.count == current:
-            return cached
+        cached = path.read_json()
+        if cached.get("key") == key:
+            return ChannelStats.from_json(cached)
     stats = channel_stats(st, dataset=dataset, backbone=backbone, layer=layer)
-    path.write_json(stats.to_json())  # atomic: a reader never sees half a file
+    path.write_json({"key": key, **stats.to_json()})  # atomic: a reader never sees half a file
     return stats

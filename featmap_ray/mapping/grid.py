@@ -64,17 +64,26 @@ class RunSpec:
 TRAINING_REVISION = 2
 
 
-def run_digest(spec: RunSpec, *, training: dict[str, Any], loss_options: dict[str, dict[str, Any]],
-               num_workers: int, data: str, norm: dict | None) -> str:
-    """The identity of a trained model: changes when anything that shapes it changes — the spec
-    (family, hyper-parameters, loss weights, apply_transform, normalise), every training setting,
-    the options of the loss terms it uses, the number of DDP workers (the effective batch), the
-    data (`data.fingerprint`: the features' provenance and the train/validation images) and the
-    normalisation statistics. A published run with the same digest is finished; a Ray Train
-    checkpoint of a model is resumed only under the same digest."""
-    payload = {"revision": TRAINING_REVISION, "spec": spec.to_dict(), "training": training,
-               "loss_options": {term: loss_options[term] for term in sorted(spec.loss) if term in loss_options},
-               "num_workers": num_workers, "data": data, "norm": norm and {"mean": norm["mean"], "std": norm["std"]}}
+def run_settings(spec: RunSpec, *, training: dict[str, Any], loss_options: dict[str, dict[str, Any]],
+                 num_workers: int) -> dict[str, Any]:
+    """A run's own settings, each named by where it is set: the spec (family, hyper-parameters, loss
+    weights, apply_transform, normalise, ...), every training setting, the options of the loss terms it
+    uses and the number of DDP workers (the effective batch). What a published run records, and what
+    `fit` compares to refuse a run whose settings changed under the same key."""
+    return {**{f"spec.{k}": v for k, v in spec.to_dict().items()},
+            **{f"mapping.training.{k}": v for k, v in training.items()},
+            **{f"mapping.loss_options.{term}": loss_options[term] for term in sorted(spec.loss) if term in loss_options},
+            "mapping.resources.num_workers": num_workers}
+
+
+def run_digest(settings: dict[str, Any], *, data: str, norm: dict | None) -> str:
+    """The identity of a trained model: changes when anything that shapes it changes — its settings
+    (`run_settings`), the data (`data.fingerprint`: the features table, the provenance of the features
+    groups it reads and the train/validation images) and the normalisation statistics. A published
+    run with the same digest is finished; a Ray Train checkpoint of a model is resumed only under the
+    same digest."""
+    payload = {"revision": TRAINING_REVISION, "settings": settings, "data": data,
+               "norm": norm and {"mean": norm["mean"], "std": norm["std"]}}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=float).encode()).hexdigest()[:16]
 
 

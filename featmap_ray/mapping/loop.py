@@ -23,7 +23,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,8 +31,10 @@ from torch import nn
 from featmap_ray.config import MappingTraining
 from featmap_ray.cosine import median_cosine
 from featmap_ray.mapping.artefacts import NormalisedMap, build_mapping
-from featmap_ray.mapping.data import PairLoader
 from featmap_ray.mapping.grid import RunSpec
+
+if TYPE_CHECKING:  # the loop only iterates loaders; reading pairs (Lance) is the caller's
+    from featmap_ray.mapping.data import PairLoader
 
 # The median rule of the validation cosine: the training loss's (spec §5).
 COS_RULE = "upper"
@@ -213,7 +215,8 @@ class GroupFit:
         before = {id(m): m.status for m in self.members}
         try:
             self._train_pass(self.active)
-            self._validate(self.active)  # without the members that failed in the pass
+            if self.active:  # without the members that failed in the pass (maybe all of them)
+                self._validate(self.active)
         except NonFiniteError as e:
             for m in self.active:
                 m.fail(str(e))

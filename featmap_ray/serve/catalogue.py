@@ -14,8 +14,11 @@ from featmap_ray.serve import models
 
 def mapping_run_keys(cfg: Config) -> list[str]:
     """The runs of `mapping.study` the service may apply: `serve.mapping_runs`, or every finished run
-    (None). A listed run that is not finished, or maps another backbone/layer, is a config error."""
+    (None). A listed run that is not finished, or maps another backbone/layer, is a config error; a
+    stale one (`base.run_staleness`: fitted on features that changed since) stops the service from
+    starting, named, rather than serving maps of features that are no longer stored."""
     from featmap_ray.mapping.artefacts import finished_runs, read_info, runs_root
+    from featmap_ray.stages import base
 
     keys = cfg.serve.mapping_runs
     if keys is None:
@@ -30,12 +33,14 @@ def mapping_run_keys(cfg: Config) -> list[str]:
         if (spec["backbone"], spec["layer"]) != (request.name, layer):
             raise ValueError(f"serve.mapping_runs: {key!r} maps {spec['backbone']}/{spec['layer']}, the service "
                              f"inverts {request.name}/{layer}")
+    base.refuse_stale_runs(cfg.storage, [runs_root(cfg) / key for key in keys])
     return list(keys)
 
 
 def check(cfg: Config) -> None:
     """Before anything starts: every allowed FeatInv model resolves (MLflow URIs: their run and
-    artefacts exist; nothing is downloaded) and every allowed mapping run is finished and fits."""
+    artefacts exist; nothing is downloaded) and every allowed mapping run is finished, fits and is not
+    stale."""
     for source in models.allowed_models(cfg).values():
         models.mlflow_run_id(cfg, source)
     mapping_run_keys(cfg)

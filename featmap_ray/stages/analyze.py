@@ -15,7 +15,18 @@ import torch
 
 from featmap_ray.config import Config
 from featmap_ray.io import tables, tracking
-from featmap_ray.stages.evaluate import _families, _test_tensors, write_results
+from featmap_ray.stages import base
+from featmap_ray.stages.evaluate import (
+    _families,
+    _test_tensors,
+    check_grid,
+    check_runs,
+    results_status,
+    results_uri,
+    write_results,
+)
+
+TABLES = ("svd", "singular_values", "weight_bias", "truncation")  # results/<study>/<name>.lance
 
 
 def raw_affine(model) -> tuple[np.ndarray, np.ndarray] | None:
@@ -91,9 +102,11 @@ def _analyze_run(cfg: Config, run_dir: str) -> dict[str, list[dict[str, Any]]]:
 def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
     import ray
 
-    from featmap_ray.mapping.artefacts import finished_runs
+    from featmap_ray.mapping.artefacts import finished_runs, read_info
 
     runs = finished_runs(cfg)
+    base.refuse_stale_runs(cfg.storage, runs)
+    digests = {d.name: read_info(d)["digest"] for d in runs}  # a run's folder is named by its key
     st = tables.Store(cfg.storage)
     run_id = tracking.study_stage_run(cfg, "analyze", [tracking.table_input(cfg, st.layout.images)], context="evaluation")
     task = ray.remote(_analyze_run).options(num_cpus=1)
@@ -112,9 +125,24 @@ def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
     for name, rows in parts_by_table.items():
         frame = pd.DataFrame(rows)
         frame["family"] = frame["manipulation"].map(families).fillna("unknown")
-        write_results(cfg, name, frame)
+        write_results(cfg, name, frame, digests)
         frames[name] = frame
     svd = frames["svd"]  # one row per analysed run; the features tables its tasks read
     features = sorted({st.layout.features(b, l) for b, l in zip(svd["backbone"], svd["layer"], strict=True)})
     tracking.end_stage_run(cfg, run_id, {"runs": len(svd)}, inputs=tracking.table_inputs(cfg, features))
     return frames
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    return results_status(cfg, "analyze", TABLES)
+
+
+def command(cfg: Config) -> str:
+    frames = run_analyze(cfg)
+    return "[analyze] " + ", ".join(f"{name}: {len(f)} rows in {results_uri(cfg, name)}" for name, f in frames.items())
+
+
+STAGE = base.Stage(
+    "analyze", "linear maps of the study: weight vs bias, SVD, rank-k truncations", command,
+    keys=(*base.RAY_KEYS, "evaluate", "mapping.study"), checks=(check_grid, check_runs), reads=("runs", "features"),
+    writes=("results",), shows_runs_page=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from ray.data.block import BlockAccessor
 from featmap_ray import seeding
 from featmap_ray.config import Config
 from featmap_ray.io import tables
+from featmap_ray.io.files import Location
 
 # The commands, in the order `featmap --help` lists them; each is the module `stages/<name>.py`
 # (dashes as underscores) holding a `STAGE`.
@@ -128,10 +129,19 @@ def current_fingerprints(root: str, uri: str) -> dict[str, str]:
             for name, entry in tables.read_provenance(uri).items()}
 
 
-def changed_inputs(root: str, inputs: dict[str, str]) -> list[str]:
+def input_fingerprints(root: str, uri: str, groups: list[str]) -> dict[str, str]:
+    """The `inputs` of a Provenance that reads these groups of the table at `uri`: {input key: fingerprint}
+    of those that record one."""
+    now = current_fingerprints(root, uri)
+    return {key: now[key] for key in (input_key(root, uri, g) for g in groups) if key in now}
+
+
+def changed_inputs(root: str, inputs: dict[str, str], by_table: dict[str, dict[str, str]] | None = None) -> list[str]:
     """The recorded `inputs` (input key -> fingerprint) that no longer match what their tables record:
-    each as "<input key>: made by other settings" (or "... no longer recorded")."""
-    by_table: dict[str, dict[str, str]] = {}
+    each as "<input key>: made by other settings" (or "... no longer recorded"). `by_table` (table URI ->
+    its `current_fingerprints`) is filled as tables are read: pass one dict to read each table once
+    across many calls."""
+    by_table = {} if by_table is None else by_table
     out = []
     for key, fingerprint in sorted(inputs.items()):
         path, _, _group = key.rpartition("#")
@@ -144,6 +154,49 @@ def changed_inputs(root: str, inputs: dict[str, str]) -> list[str]:
         elif now != fingerprint:
             out.append(f"{key}: made by other settings since")
     return out
+
+
+# A published mapping run (run.json) records its provenance too: its own settings and the fingerprints of
+# the features groups it read. Every consumer of runs (fit, evaluate, analyze, report, recon-eval, serve)
+# judges them by this one rule.
+
+def run_staleness(root: str, info: dict[str, Any], by_table: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Why the published mapping run whose run.json is `info` must not be used now: each features group
+    it read that was made by other settings since, or no provenance at all (fitted by an older
+    featmap-ray); [] when it is up to date. `by_table`: see `changed_inputs`."""
+    recorded = info.get("provenance")
+    if recorded is None:
+        return ["no provenance recorded (fitted by an older featmap-ray)"]
+    return changed_inputs(root, Provenance.from_json(recorded).inputs, by_table)
+
+
+def stale_runs(root: str, run_dirs: Iterable[str | Location]) -> dict[str, list[str]]:
+    """{run key (its folder's name): why} of the published runs among `run_dirs` that are stale now
+    (`run_staleness`); folders without a published run are not judged."""
+    from featmap_ray.mapping.artefacts import read_info
+
+    by_table: dict[str, dict[str, str]] = {}
+    out = {}
+    for directory in map(Location, run_dirs):
+        info = read_info(directory)
+        reasons = [] if info is None else run_staleness(root, info, by_table)
+        if reasons:
+            out[directory.name] = reasons
+    return out
+
+
+def refuse_stale_runs(root: str, run_dirs: Iterable[str | Location]) -> None:
+    """Before any work: a ValueError naming each stale run among `run_dirs` and why, if there is one."""
+    stale = stale_runs(root, run_dirs)
+    if not stale:
+        return
+    lines = [(f"{len(stale)} mapping run(s) were fitted on features that changed since (or record no provenance); "
+              "nothing was done:")]
+    lines += [f"  {key}: {'; '.join(reasons)}" for key, reasons in sorted(stale.items())[:20]]
+    if len(stale) > 20:
+        lines.append(f"  ... and {len(stale) - 20} more")
+    lines.append("Run `featmap fit` first: it retrains the runs whose input features changed.")
+    raise ValueError("\n".join(lines))
 
 
 def group_filter(column: str, value: str) -> str:
@@ -191,6 +244,8 @@ def reconcile(stage: str, plans: list[tuple[tables.Target, list[Group]]], *, ove
     Checks all targets first: any group stored with other settings raises ProvenanceMismatch unless
     `overwrite`. Then each table is created if missing, the stale groups' rows are deleted (overwrite),
     and every group's provenance is recorded. Returns the overwritten groups."""
+    for target, _ in plans:  # every table's schema before any table is touched
+        tables.check_schema(target.uri, target.schema)
     mismatches = [m for target, groups in plans for m in stale_groups(target.uri, groups)]
     if mismatches and not overwrite:
         raise ProvenanceMismatch(mismatch_message(stage, mismatches))
@@ -239,25 +294,70 @@ def table_status(stage: str, uri: str, groups: list[Group], expected: dict[str, 
 
 # -- the contract ---------------------------------------------------------------------------------
 
+RAY_KEYS = ("storage", "overwrite", "ray", "mlflow")  # read by every command that starts Ray
+
+
 @dataclass(frozen=True)
 class Stage:
     """One `featmap` command."""
 
     name: str
     summary: str  # one line in `featmap --help`
-    run: Callable[[Config], object] | None = None  # the body: what it returns is printed
+    run: Callable[[Config], object] | None = None  # the body: what it returns (not None) is printed
     details: str = ""  # more in `featmap NAME --help`
     keys: tuple[str, ...] = ()  # config sections / keys it reads (dotted paths into Config)
     checks: tuple[Callable[[Config], None], ...] = ()  # before Ray starts and before anything is written
-    reads: tuple[str, ...] = ()  # the artefacts it reads (Layout names), for the docs
-    writes: tuple[str, ...] = ()  # the artefacts it writes (Layout names)
-    status: Callable[[Config], list[OutputStatus]] | None = None  # for `featmap status`
-    steps: tuple[str, ...] = ()  # a composite command (pipeline, study): the stages it runs, in order
+    reads: tuple[str, ...] = ()  # the artefacts it reads (as `featmap status` and the docs name them)
+    writes: tuple[str, ...] = ()  # the artefacts it writes
+    status: Callable[[Config], list[OutputStatus]] | None = None  # its outputs' state, for `featmap status`
+    steps: tuple[str, ...] = ()  # a composite command (pipeline, study): the commands it runs, in order
     starts_ray: bool = True
+    epilogue: Callable[[Config], str] | None = None  # printed after the body (e.g. where the tables are)
+    shows_runs_page: bool = False  # it logs to MLflow: print where its runs are at the end
     # A command that takes its own arguments instead of --config (featinv-import): adds them, and
-    # its `main` gets the parsed namespace.
+    # its `main` gets the parsed namespace and returns the exit code.
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
     main: Callable[[argparse.Namespace], int] | None = None
+
+
+def check_images(cfg: Config) -> None:
+    """The images table exists (a stage that reads it runs after `featmap ingest`)."""
+    st = tables.Store(cfg.storage)
+    if st.open(st.layout.images) is None:
+        raise FileNotFoundError(f"no images table at {st.layout.images}: run `featmap ingest` first")
+
+
+def images_input(cfg: Config) -> list:
+    """The images table at its current version, as an MLflow dataset input."""
+    from featmap_ray.io import tracking
+
+    return tracking.table_inputs(cfg, [tables.Store(cfg.storage).layout.images])
+
+
+def describe_tables(cfg: Config) -> str:
+    """After a stage that writes rows: where the tables are (`featmap info`); raises when no usable
+    image came out at all (every row failed or was absent), so the command exits non-zero."""
+    from featmap_ray.stages import info
+
+    st = tables.Store(cfg.storage)
+    if st.count(st.layout.images, filter=f"variant = '{tables.ORIGINAL}'") == 0:
+        raise RuntimeError("no usable images were found")
+    return info.describe(cfg)
+
+
+def run_pipeline_stage(cfg: Config, name: str, inputs: list, body: Callable[[], list[StageSummary]]) -> str:
+    """A stage that writes rows (ingest, manipulate, edit, extract) inside its own MLflow run, with its
+    summaries as metrics and the tables it read as inputs; returns the summaries to print."""
+    import mlflow
+
+    from featmap_ray.io import tracking
+
+    with tracking.stage_run(cfg, name, inputs):
+        summaries = body()
+        for s in summaries:
+            mlflow.log_metrics({f"{s.stage}.written": sum(s.written.values()), f"{s.stage}.skipped": s.skipped,
+                                f"{s.stage}.failed": s.failed, f"{s.stage}.overwritten": s.overwritten})
+    return "\n".join(map(str, summaries))
 
 
 def module_name(command: str) -> str:
@@ -298,14 +398,16 @@ class StageSummary:
 
 class KeyedLanceSink(Datasink):
     """Ray Data sink: each write task commits its successful rows to every target, atomically,
-    and returns its failed rows (small) to the driver, which records them in the errors table."""
+    and returns its failed rows (small) to the driver, which records them in the errors table:
+    a failed row once per target, under its key in that target (and a success clears only that)."""
 
     def __init__(self, targets: list[tables.Target], rows_per_commit: int):
         self.targets = targets
         self.rows_per_commit = rows_per_commit
         self.written: dict[str, int] = {t.uri: 0 for t in targets}
-        self.failed: list[dict[str, Any]] = []
-        self.succeeded: list[str] = []
+        self.failures = 0  # failed batch rows
+        self.failed: dict[str, list[dict[str, Any]]] = {t.uri: [] for t in targets}  # target -> errors rows
+        self.succeeded: dict[str, list[str]] = {t.uri: [] for t in targets}  # target -> keys written or stored
 
     @property
     def min_rows_per_write(self) -> int:
@@ -322,7 +424,7 @@ class KeyedLanceSink(Datasink):
         blocks = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         blocks = [t for t in blocks if t.num_rows]
         if not blocks:
-            return {"written": {}, "failed": [], "succeeded": []}
+            return {"written": {}, "failures": 0, "failed": {}, "succeeded": {}}
         batch = pa.concat_tables(blocks, promote_options="permissive")
         failed = pc.is_valid(batch["error_reason"])
         ok = batch.filter(pc.invert(failed))
@@ -331,31 +433,37 @@ class KeyedLanceSink(Datasink):
             rows = target.rows(ok)
             written[target.uri] = tables.commit_new_rows(target.uri, rows, target.key) if rows.num_rows else 0
         bad = batch.filter(failed)
-        failed_rows = [
-            {"key": tables.key_string(r["source_id"], r["variant"]), "source_id": r["source_id"], "variant": r["variant"],
-             "path": r.get("source_path"), "reason": r["error_reason"], "message": r["error_message"]}
-            for r in bad.select([c for c in ("source_id", "variant", "source_path", *tables.ERROR_COLUMNS) if c in bad.column_names]).to_pylist()
-        ]
-        succeeded = [tables.key_string(s, v) for s, v in tables.row_keys(ok)]
-        return {"written": written, "failed": failed_rows, "succeeded": succeeded}
+        columns = {*tables.KEY, "source_path", *tables.ERROR_COLUMNS, *(c for t in self.targets for c in t.batch_key)}
+        bad = bad.select([c for c in bad.column_names if c in columns]).to_pylist()
+        failed_rows = {t.uri: [{"key": tables.key_string(*(r[c] for c in t.batch_key)), "source_id": r.get("source_id"),
+                                "variant": r.get("variant"), "path": r.get("source_path"), "reason": r["error_reason"],
+                                "message": r["error_message"]} for r in bad]
+                       for t in self.targets}
+        succeeded = {t.uri: [tables.key_string(*k) for k in tables.row_keys(ok, t.batch_key)] for t in self.targets}
+        return {"written": written, "failures": len(bad), "failed": failed_rows, "succeeded": succeeded}
 
     def on_write_complete(self, write_result) -> None:
         for result in write_result.write_returns:
             for uri, n in result["written"].items():
                 self.written[uri] += n
-            self.failed.extend(result["failed"])
-            self.succeeded.extend(result["succeeded"])
+            self.failures += result["failures"]
+            for uri, rows in result["failed"].items():
+                self.failed[uri].extend(rows)
+            for uri, keys in result["succeeded"].items():
+                self.succeeded[uri].extend(keys)
 
 
 def write_stage(store: tables.Store, stage: str, dataset, targets: list[tables.Target], *, rows_per_commit: int,
                 skipped: int, overwritten: int = 0) -> StageSummary:
     """Run a Ray Data pipeline into `targets` (None: nothing pending), record its failures and
     summarise. Each commit is one fragment: no compaction, since Ray reads in parallel per fragment."""
+    store.check_errors_table()  # its failures have somewhere to go, before any row is written
     sink = KeyedLanceSink(targets, rows_per_commit)
     if dataset is None:
         sink.on_write_start()
     else:
         dataset.write_datasink(sink)
-    store.record_errors(stage, sink.failed)
-    store.clear_errors(stage, sink.succeeded)
-    return StageSummary(stage, sink.written, skipped, len(sink.failed), store.layout.errors, overwritten)
+    for target in targets:
+        store.record_errors(stage, target.uri, sink.failed[target.uri])
+        store.clear_errors(stage, target.uri, sink.succeeded[target.uri])
+    return StageSummary(stage, sink.written, skipped, sink.failures, store.layout.errors, overwritten)

@@ -3,8 +3,14 @@
 For every dataset of the table with prompts in `edit.prompts`, a seeded choice of originals per
 (split, class) is edited with every prompt, `edit.repeats` times. An actor pool holds the pipelines
 (one per actor, loaded once, `edit.num_gpus` each); the sink commits every `edit.rows_per_commit`
-edits, and a re-run computes only the (source_id, variant) keys the table lacks. Edits already stored
-under the same variant ids with other settings stop the job before any work.
+edits, and a re-run computes only the (source_id, variant) keys the table lacks.
+
+Provenance (stages/base.py): each variant <prefix>:<name>:<repeat> is one group of the images table,
+made by the pipeline's weights (a hub snapshot's revision, or a local folder's files), its recorded
+settings (`semantic.recorded_settings`: model, pipeline class, dtype, working area, VAE tiling, steps,
+guidance, negative prompt), `edit.seed`, the prompt with its name and repeat, and the `original` group it
+read. Edits stored under the same variant id with other settings refuse before any work; `--overwrite`
+recomputes exactly those variants; another prefix or prompt name writes alongside.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -31,10 +38,6 @@ FAMILY = "semantic"
 # One pending edit: the original's labels and pixels, the variant, its instruction and seed.
 TASK_SCHEMA = pa.schema([*(tables.IMAGES_SCHEMA.field(k) for k in (*CARRIED, "image", "variant", "seed")),
                          pa.field("prompt", pa.string()), pa.field("name", pa.string()), pa.field("repeat", pa.int32())])
-
-
-class EditSettingsChanged(ValueError):
-    """The images table holds edits under these variant ids that were made with other settings."""
 
 
 def choose_sources(originals: pa.Table, edit: EditConfig) -> list[str]:
@@ -101,21 +104,47 @@ class SemanticEditor:
                 "width": image.width, "height": image.height}
 
 
-def check_stored_settings(st: tables.Store, plans: list[semantic.PlannedEdit], settings: dict) -> None:
-    """Stored edits under these variant ids must have been made with these prompts and settings: a re-run
-    that changed them would otherwise mix two kinds of edit under one name."""
-    table = st.open(st.layout.images).to_table(columns=["variant", "params"],
-                                            filter=f"variant IN ({tables.sql_list(p.variant for p in plans)})")
-    expected = {p.variant: json.loads(edit_params(p, settings)) for p in plans}
-    for variant, params in sorted(set(zip(table["variant"].to_pylist(), table["params"].to_pylist(), strict=True))):
-        stored = json.loads(params)
-        changed = sorted(k for k in expected[variant].keys() | stored.keys() if stored.get(k) != expected[variant].get(k))
-        if changed:
-            raise EditSettingsChanged(
-                f"{st.layout.images} holds {variant} edits made with other {changed} "
-                f"({', '.join(f'{k}={stored.get(k)!r}' for k in changed)}; this config: "
-                f"{', '.join(f'{k}={expected[variant].get(k)!r}' for k in changed)}): use another edit.prefix "
-                f"or delete those rows")
+@dataclass
+class EditPlan:
+    """What `edit` makes of the stored originals under this config."""
+
+    plans: dict[str, list[semantic.PlannedEdit]]  # dataset (of the table, with prompts) -> its edits
+    chosen: list[str]  # the originals to edit
+    dataset_of: dict[str, str]  # source_id -> dataset, of every original
+    groups: list[base.Group]  # one per variant, with the settings that make it
+
+    def expected(self) -> dict[str, int]:
+        """Rows per variant when every edit is stored."""
+        counts: dict[str, int] = defaultdict(int)
+        for sid in self.chosen:
+            for p in self.plans[self.dataset_of[sid]]:
+                counts[p.variant] += 1
+        return counts
+
+
+def plan_edits(cfg: Config, st: tables.Store, pipeline_class: str) -> EditPlan:
+    """The edits of every dataset of the images table that has prompts, and each variant's provenance: the
+    pipeline's weights and recorded settings, edit.seed, the prompt (with its name and repeat) and the
+    originals it reads. One variant id with two prompts (for two datasets) is refused: one group, one prompt."""
+    edit = cfg.edit
+    originals = st.open(st.layout.images).to_table(columns=["source_id", "dataset", "split", "class_idx"],
+                                                filter=f"variant = '{tables.ORIGINAL}'")
+    plans = {d: semantic.planned_edits(edit, d) for d in sorted(set(originals["dataset"].to_pylist()) & set(edit.prompts))}
+    settings = {**semantic.recorded_settings(edit, pipeline_class), "weights": semantic.weights_identity(edit),
+                "seed": edit.seed}
+    inputs = base.input_fingerprints(st.root, st.layout.images, [tables.ORIGINAL])
+    groups: dict[str, base.Group] = {}
+    for dataset, edits in plans.items():
+        for p in edits:
+            group = base.Group(p.variant, base.Provenance({**settings, "prompt": p.prompt, "name": p.name,
+                                                           "repeat": p.repeat}, inputs),
+                               base.group_filter("variant", p.variant))
+            if groups.setdefault(p.variant, group) != group:
+                raise ValueError(f"edit.prompts: {p.name!r} of dataset {dataset} has another prompt than the same "
+                                 f"name of another dataset; both would be variant {p.variant}: name them apart")
+    chosen = choose_sources(originals.filter(pc.is_in(originals["dataset"], pa.array(list(plans), pa.string()))), edit)
+    dataset_of = dict(zip(originals["source_id"].to_pylist(), originals["dataset"].to_pylist(), strict=True))
+    return EditPlan(plans, chosen, dataset_of, list(groups.values()))
 
 
 def run(cfg: Config) -> base.StageSummary:
@@ -124,17 +153,13 @@ def run(cfg: Config) -> base.StageSummary:
     edit = cfg.edit
     pipeline_class = semantic.check(edit)  # the model is here and suits the settings: before anything is read
     st = tables.Store(cfg.storage)
-    originals = st.open(st.layout.images).to_table(columns=["source_id", "dataset", "split", "class_idx"],
-                                                filter=f"variant = '{tables.ORIGINAL}'")
-    datasets = sorted(set(originals["dataset"].to_pylist()) & set(edit.prompts))
-    if not datasets:
-        raise ValueError(f"edit.prompts names datasets {sorted(edit.prompts)}, the images table "
-                         f"{st.layout.images} holds originals of {sorted(set(originals['dataset'].to_pylist()))}")
-    settings = semantic.recorded_settings(edit, pipeline_class)
-    plans = {d: semantic.planned_edits(edit, d) for d in datasets}
-    check_stored_settings(st, [p for d in datasets for p in plans[d]], settings)
-    chosen = choose_sources(originals.filter(pc.is_in(originals["dataset"], pa.array(datasets))), edit)
-    dataset_of = dict(zip(originals["source_id"].to_pylist(), originals["dataset"].to_pylist(), strict=True))
+    planned = plan_edits(cfg, st, pipeline_class)
+    if not planned.plans:
+        raise ValueError(f"edit.prompts names datasets {sorted(edit.prompts)}, the images table {st.layout.images} "
+                         f"holds originals of {sorted(set(planned.dataset_of.values()))}")
+    target = tables.Target(st.layout.images, tables.IMAGES_SCHEMA)
+    overwritten = base.reconcile(NAME, [(target, planned.groups)], overwrite=cfg.overwrite)
+    plans, chosen, dataset_of = planned.plans, planned.chosen, planned.dataset_of
     done = st.keys(st.layout.images, filter=f"family = '{FAMILY}'")
     pending = {}
     for sid in chosen:
@@ -157,5 +182,40 @@ def run(cfg: Config) -> base.StageSummary:
                          resources=edit.resources or None)
         )
     skipped = sum(len(plans[dataset_of[sid]]) for sid in chosen) - n_pending
-    return base.write_stage(st, NAME, ds, [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)],
-                             rows_per_commit=edit.rows_per_commit, skipped=skipped)
+    return base.write_stage(st, NAME, ds, [target], rows_per_commit=edit.rows_per_commit, skipped=skipped,
+                            overwritten=sum(m.rows for m in overwritten))
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    """The semantic variants against this config (none when no dataset of the table has prompts)."""
+    st = tables.Store(cfg.storage)
+    if st.open(st.layout.images) is None:
+        return [base.table_status(NAME, st.layout.images, [])] if any(cfg.edit.prompts.values()) else []
+    planned = plan_edits(cfg, st, semantic.check(cfg.edit))
+    return [base.table_status(NAME, st.layout.images, planned.groups, planned.expected())] if planned.plans else []
+
+
+def check_prompts(cfg: Config) -> None:
+    """edit.prompts names something to do, and edit.model is here and suits the settings."""
+    if not any(cfg.edit.prompts.values()):
+        raise ValueError("edit.prompts is empty: nothing to edit (give prompts per dataset name; README: Semantic edits)")
+    check_model(cfg)
+
+
+def check_model(cfg: Config) -> None:
+    """When the dataset has prompts: the edit model is here and suits the settings (also the pipeline's check)."""
+    if cfg.edit.prompts.get(cfg.dataset.name):
+        semantic.check(cfg.edit)
+
+
+def command(cfg: Config) -> str:
+    return base.run_pipeline_stage(cfg, NAME, base.images_input(cfg), lambda: [run(cfg)])
+
+
+STAGE = base.Stage(
+    NAME, "originals -> semantic edits (Qwen-Image-Edit) in images.lance", command,
+    details="Edits a seeded choice of originals per (split, class) with every prompt of edit.prompts for their "
+            "dataset, on an actor pool of diffusers image-editing pipelines (one per actor); the edits are variants "
+            "<prefix>:<name>:<repeat> of family semantic. A re-run adds only what is missing.",
+    keys=(*base.RAY_KEYS, "edit", "edit.prompts"), checks=(base.check_images, check_prompts), reads=("images",),
+    writes=("images", "errors"), epilogue=base.describe_tables)

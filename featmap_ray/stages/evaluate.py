@@ -5,12 +5,15 @@ backbone, layer, manipulation), so the test pairs and the classifier are loaded 
 models that share them.
 
 Results are Lance tables under <storage>/results/<study>/, replaced as a whole by each run of a
-stage (a new table version, so a reader never sees half of one).
+stage (a new table version, so a reader never sees half of one); each records the digests of the
+runs it was computed from (`RUNS`). A stage refuses, before any work, when a run is stale
+(`base.run_staleness`: fitted on features that changed since, or recording no provenance).
 """
 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from typing import Any
@@ -23,22 +26,82 @@ import torch
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.io import tables, tracking
 from featmap_ray.layout import Layout
+from featmap_ray.stages import base
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("identity", "spatial_only")
+# A results table's schema metadata key: {run key: digest} of the mapping runs its rows were computed
+# from, so `report` and `featmap status` can tell results of runs that changed since.
+RUNS = "featmap:runs"
 
 
 def results_uri(cfg: Config, name: str) -> str:
     return Layout(cfg.storage).results(cfg.mapping.study, name)
 
 
-def write_results(cfg: Config, name: str, frame: pd.DataFrame) -> str:
+def write_results(cfg: Config, name: str, frame: pd.DataFrame, digests: dict[str, str]) -> str:
+    """Replace the results table `name` with `frame`, recording in its schema metadata (`RUNS`) the
+    digest of each mapping run its rows were computed from (those of `digests`, run key -> digest,
+    that its `run` column names)."""
     import lance
 
     uri = results_uri(cfg, name)
-    lance.write_dataset(pa.Table.from_pandas(frame, preserve_index=False), uri, mode="overwrite")
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    used = {key: digest for key, digest in digests.items() if key in set(frame["run"])}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), RUNS.encode(): json.dumps(used).encode()})
+    lance.write_dataset(table, uri, mode="overwrite")
     return uri
+
+
+def results_staleness(cfg: Config, name: str) -> list[str] | None:
+    """Why the results table `name` no longer describes the study's runs: each run it was computed from
+    that is no longer published, was retrained since (another digest) or is stale now
+    (`base.run_staleness`); [] when it is up to date, None when there is no such table."""
+    from featmap_ray.mapping.artefacts import read_info
+
+    table = tables.open_table(results_uri(cfg, name))
+    if table is None:
+        return None
+    recorded = (table.schema.metadata or {}).get(RUNS.encode())
+    if recorded is None:
+        return ["the runs it was computed from are not recorded (made by an older featmap-ray)"]
+    layout, by_table, out = Layout(cfg.storage), {}, []
+    for key, digest in sorted(json.loads(recorded).items()):
+        info = read_info(layout.run(cfg.mapping.study, key))
+        if info is None:
+            out.append(f"run {key}: no longer published")
+        elif info.get("digest") != digest:
+            out.append(f"run {key}: retrained since")
+        else:
+            out += [f"run {key}: {reason}" for reason in base.run_staleness(cfg.storage, info, by_table)]
+    return out
+
+
+def results_status(cfg: Config, stage: str, names: tuple[str, ...]) -> list[base.OutputStatus]:
+    """The results tables `names` of `stage`, for `featmap status` (`results_staleness`)."""
+    out = []
+    for name in names:
+        uri, reasons = results_uri(cfg, name), results_staleness(cfg, name)
+        if reasons is None:
+            out.append(base.OutputStatus(stage, uri, "missing"))
+        elif reasons:
+            out.append(base.OutputStatus(stage, uri, "stale", f"computed from runs that changed: {'; '.join(reasons[:3])}"
+                                                              + (f" and {len(reasons) - 3} more" if len(reasons) > 3 else "")))
+        else:
+            out.append(base.OutputStatus(stage, uri, "up to date", f"{tables.open_table(uri).count_rows()} rows"))
+    return out
+
+
+def check_runs(cfg: Config) -> None:
+    """Before any work: no finished run of the study is stale (`base.refuse_stale_runs`)."""
+    from featmap_ray.mapping.artefacts import finished_runs
+
+    base.refuse_stale_runs(cfg.storage, finished_runs(cfg))
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    return results_status(cfg, "evaluate", ("evaluations",))
 
 
 def read_results(cfg: Config, name: str) -> pd.DataFrame:
@@ -161,11 +224,17 @@ def _evaluate_group(cfg: Config, group: tuple[str, str, str, str], run_dirs: lis
 def run_evaluate(cfg: Config) -> pd.DataFrame:
     import ray
 
-    from featmap_ray.mapping.artefacts import finished_runs, load_run
+    from featmap_ray.mapping.artefacts import finished_runs, read_info
+    from featmap_ray.mapping.grid import RunSpec
 
+    runs = finished_runs(cfg)
+    base.refuse_stale_runs(cfg.storage, runs)
     groups: dict[tuple[str, str, str, str], list[str]] = defaultdict(list)
-    for d in finished_runs(cfg):
-        _, spec, _ = load_run(d)
+    digests = {}
+    for d in runs:
+        info = read_info(d)
+        spec = RunSpec.from_dict(info["spec"])
+        digests[spec.key] = info["digest"]
         groups[(spec.dataset, spec.backbone, spec.layer, spec.manipulation)].append(str(d))
     if not groups:
         raise ValueError(f"study {cfg.mapping.study!r} has no finished mapping runs: run `featmap fit` first")
@@ -188,7 +257,7 @@ def run_evaluate(cfg: Config) -> pd.DataFrame:
         raise ValueError(message)
     frame = pd.DataFrame(rows)
     frame["family"] = frame["manipulation"].map(_families(cfg)).fillna("unknown")
-    write_results(cfg, "evaluations", frame)
+    write_results(cfg, "evaluations", frame, digests)
     _log_run_metrics(cfg, frame)
     tracking.end_stage_run(cfg, run_id, {"rows": len(frame), "groups": len(groups), "failed_groups": len(failed)})
     return frame
@@ -212,3 +281,28 @@ def _families(cfg: Config) -> dict[str, str]:
     rows = st.open(st.layout.images).to_table(columns=["variant", "family"],
                                            filter=f"variant != '{tables.ORIGINAL}'").to_pandas()
     return dict(zip(rows["variant"], rows["family"], strict=True))
+
+
+EVALUATE_KEYS = ("evaluate", "evaluate.classifier", "mapping.study", "mapping.resources.gpus_per_worker")
+
+
+def check_grid(cfg: Config) -> None:
+    """The mapping section expands to a grid (families, losses, targets), tables not consulted."""
+    from featmap_ray.mapping import grid
+
+    grid.expand(cfg)
+
+
+def command(cfg: Config) -> str:
+    frame = run_evaluate(cfg)
+    cols = [c for c in ("backbone", "layer", "manipulation", "model", "cos_median_upper", "mse", "agree_top1_orig_mapped")
+            if c in frame]
+    return f"[evaluate] {len(frame)} rows in {results_uri(cfg, 'evaluations')}\n" + frame[cols].to_string(index=False)
+
+
+STAGE = base.Stage(
+    "evaluate", "held-out metrics of every finished mapping run, and the baselines", command,
+    details="Feature metrics and classifier agreement of each run of the study, plus the identity and "
+            "spatial-only baselines, in <storage>/results/<study>/evaluations.",
+    keys=(*base.RAY_KEYS, *EVALUATE_KEYS), checks=(check_grid, check_runs), reads=("runs", "features"),
+    writes=("results",), shows_runs_page=True)

@@ -5,16 +5,27 @@ model is loaded once per actor, `extract.num_gpus` GPUs each, 0 on CPU). With GP
 runs as CPU tasks beside the actors, so a GPU never waits on PNG decoding; on CPU Ray Data fuses the
 two steps into the actor. One forward fills every requested layer of a backbone. Each layer table
 only receives the keys it does not hold yet.
+
+Provenance (stages/base.py): each image variant is one group of every features table, made by the
+backbone (name, timm model and its kwargs), the weights source (random + `init_seed`, timm's pretrained
+tag, or a checkpoint path with a sha256 of its content), the layer and its tap, the dtype, the input size,
+and the images group of that variant it read. Other weights refuse before writing; a variant made again
+upstream (another manipulate seed, say) makes exactly its features rows stale; `--overwrite` recomputes
+exactly the stale rows. Another backbone or layer is another table, written alongside.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
 
-from featmap_ray import backbones, runtime
+from featmap_ray import backbones, runtime, seeding
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.io import imageio, tables
 from featmap_ray.stages import base
@@ -80,17 +91,71 @@ class FeatureExtractor:
                          "error_message": pa.array(messages, pa.string())})
 
 
-def _targets(st: tables.Store, spec: backbones.BackboneSpec, request: BackboneRequest, layers: list[str],
-             dtype: str) -> list[tables.Target]:
-    shapes = backbones.feature_shapes(spec, request, layers)
-    targets = []
-    for layer in layers:
-        meta = {"backbone": spec.name, "timm_name": spec.timm_name, "layer": layer, "input_size": spec.input_size,
-                "pretrained": request.pretrained, "checkpoint": request.checkpoint, "dtype": dtype,
-                "layout": "CHW", "tap_index": spec.taps[layer]}
-        schema = tables.feature_schema(shapes[layer], dtype, meta)
-        targets.append(tables.Target(st.layout.features(spec.name, layer), schema, columns={"feature": feature_column(layer)}))
-    return targets
+def weights_source(request: BackboneRequest, spec: backbones.BackboneSpec) -> dict[str, object]:
+    """Where a backbone's weights come from: random from `init_seed`, timm's pretrained tag (the hub
+    weights of `timm_name`), or a checkpoint file with a hash of its content (the same path may hold
+    other weights tomorrow)."""
+    if not request.pretrained:
+        return {"weights": "random", "init_seed": request.init_seed}
+    if request.checkpoint:
+        path = str(Path(request.checkpoint).expanduser())
+        return {"weights": "checkpoint", "checkpoint": request.checkpoint, "checkpoint_sha256": seeding.file_digest(path)}
+    return {"weights": f"pretrained {spec.timm_name}"}
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """One features table this run writes, and the settings that make its rows."""
+
+    target: tables.Target
+    settings: dict[str, object]
+
+
+@dataclass(frozen=True)
+class BackbonePlan:
+    request: BackboneRequest
+    spec: backbones.BackboneSpec
+    layers: list[str]
+    layer_tables: list[LayerTable]
+
+
+def plan_backbones(cfg: Config, st: tables.Store) -> list[BackbonePlan]:
+    """Every extract.backbones entry with its layer tables (schemas checked against existing tables) and
+    each table's settings: backbone, timm model and its kwargs, weights source, layer and tap, dtype, input size."""
+    plans, seen = [], set()
+    for request in cfg.extract.backbones:
+        spec = backbones.get_spec(request.name)
+        layers = backbones.resolve_layers(spec, request.layers)
+        shapes = backbones.feature_shapes(spec, request, layers)
+        weights = weights_source(request, spec)
+        layer_tables = []
+        for layer in layers:
+            uri = st.layout.features(spec.name, layer)
+            if uri in seen:
+                raise ValueError(f"extract.backbones: {spec.name} layer {layer} is requested twice; one table holds "
+                                 "one backbone's maps (list each layer once)")
+            seen.add(uri)
+            meta = {"backbone": spec.name, "timm_name": spec.timm_name, "layer": layer, "input_size": spec.input_size,
+                    "dtype": cfg.extract.dtype, "layout": "CHW", "tap_index": spec.taps[layer]}
+            schema = tables.feature_schema(shapes[layer], cfg.extract.dtype, meta)
+            tables.check_schema(uri, schema)
+            settings = {**meta, "model_kwargs": request.model_kwargs, **weights}
+            settings.pop("layout")  # the stored layout of every table, not a setting
+            layer_tables.append(LayerTable(tables.Target(uri, schema, columns={"feature": feature_column(layer)}), settings))
+        plans.append(BackbonePlan(request, spec, layers, layer_tables))
+    return plans
+
+
+def variant_groups(st: tables.Store, table: LayerTable, variants: list[str], images: dict[str, str]) -> list[base.Group]:
+    """One group of a features table per image variant: the table's settings and the images group it
+    reads (`images`: the images table's fingerprints, by input key), so a variant made again by other
+    settings makes exactly its features stale."""
+    groups = []
+    for variant in variants:
+        key = base.input_key(st.root, st.layout.images, variant)
+        inputs = {key: images[key]} if key in images else {}
+        groups.append(base.Group(variant, base.Provenance(table.settings, inputs), base.group_filter("variant", variant)))
+    return groups
 
 
 def run(cfg: Config) -> list[base.StageSummary]:
@@ -99,21 +164,20 @@ def run(cfg: Config) -> list[base.StageSummary]:
     st = tables.Store(cfg.storage)
     ex = cfg.extract
     # Check every backbone (name, layers, weights, shapes of existing tables) before anything is written.
-    plans = []
     for request in ex.backbones:
-        spec = backbones.get_spec(request.name)
-        layers = backbones.resolve_layers(spec, request.layers)
-        backbones.check_weights(spec, request)
-        targets = _targets(st, spec, request, layers, ex.dtype)
-        for t in targets:
-            tables.check_schema(t.uri, t.schema)
-        plans.append((request, spec, layers, targets))
+        backbones.check_weights(backbones.get_spec(request.name), request)
+    plans = plan_backbones(cfg, st)
     keys = st.keys(st.layout.images)
     if not keys:
         raise FileNotFoundError(f"no images in {st.layout.images}: run `featmap ingest` (and `featmap manipulate`) first")
+    variants = sorted({v for _, v in keys})
+    images = base.input_fingerprints(st.root, st.layout.images, variants)
+    overwritten = base.reconcile(NAME, [(t.target, variant_groups(st, t, variants, images))
+                                        for p in plans for t in p.layer_tables], overwrite=cfg.overwrite)
 
     summaries = []
-    for request, spec, layers, targets in plans:
+    for plan in plans:
+        request, spec, layers, targets = plan.request, plan.spec, plan.layers, [t.target for t in plan.layer_tables]
         done = [st.keys(t.uri) for t in targets]
         # A key missing from any layer table is computed again; the sink writes each table only
         # the keys it lacks.
@@ -128,6 +192,39 @@ def run(cfg: Config) -> list[base.StageSummary]:
                              fn_constructor_args=(request, layers, ex.dtype, ex.num_gpus > 0, ex.torch_threads),
                              compute=ray.data.ActorPoolStrategy(size=ex.num_actors), num_gpus=ex.num_gpus)
             )
+        uris = {t.uri for t in targets}
         summaries.append(base.write_stage(st, f"{NAME}:{spec.name}", ds, targets, rows_per_commit=ex.rows_per_commit,
-                                           skipped=len(keys) - len(pending)))
+                                           skipped=len(keys) - len(pending),
+                                           overwritten=sum(m.rows for m in overwritten if m.uri in uris)))
     return summaries
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    """Every features table of this config against it; partial counts the images table's rows per variant."""
+    st = tables.Store(cfg.storage)
+    counts: dict[str, int] = defaultdict(int)
+    for _, variant in st.keys(st.layout.images):
+        counts[variant] += 1
+    images = base.input_fingerprints(st.root, st.layout.images, sorted(counts))
+    return [base.table_status(NAME, t.target.uri, variant_groups(st, t, sorted(counts), images), counts)
+            for p in plan_backbones(cfg, st) for t in p.layer_tables]
+
+
+def check_backbones(cfg: Config) -> None:
+    """Every extract.backbones entry: a registry (or timm) name, its layers, its weights."""
+    for request in cfg.extract.backbones:
+        spec = backbones.get_spec(request.name)
+        backbones.resolve_layers(spec, request.layers)
+        backbones.check_weights(spec, request)
+
+
+def command(cfg: Config) -> str:
+    return base.run_pipeline_stage(cfg, NAME, base.images_input(cfg), lambda: run(cfg))
+
+
+STAGE = base.Stage(
+    NAME, "images -> feature maps in features/<backbone>/<layer>.lance", command,
+    details="Runs every extract.backbones entry over every image (originals and variants) in a Ray Data actor pool "
+            "and stores the requested layers.",
+    keys=(*base.RAY_KEYS, "extract", "extract.backbones"), checks=(check_backbones, base.check_images), reads=("images",),
+    writes=("features", "errors"), epilogue=base.describe_tables)

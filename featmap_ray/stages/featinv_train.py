@@ -15,22 +15,25 @@ before the backbone, so image and map stay aligned) or read from the features ta
 
 Checkpoints (ControlNet in diffusers format + optimiser + step) go to <storage>/featinv/<run_name>;
 running again with the same run_name and a larger max_steps continues from the last one. The
-final ControlNet is copied to <storage>/featinv/<run_name>/controlnet (`featinv.controlnet` for
-`featmap reconstruct`). Rank 0 logs to MLflow: params, the loss, and sample reconstructions. At the
-end the driver logs the final ControlNet as artefacts of that MLflow run (`controlnet/step_<step>`:
-a resumed run keeps its run, so each final step has its own folder) and registers them as a version
-of the model `featinv.training.registered_model` (default `featinv-<backbone>-<layer>`); the
-`runs:/` and `models:/` URIs it prints are `featinv.controlnet` values too.
+final ControlNet is published as a new version of <storage>/featinv/<run_name>/controlnet
+(`featinv.controlnet` for `featmap reconstruct`; featmap_ray.io.files: versioned folders). Rank 0
+logs to MLflow: params, the loss, and sample reconstructions. At the end the driver logs the final
+ControlNet as artefacts of that MLflow run (`controlnet/step_<step>`: a resumed run keeps its run, so
+each final step has its own folder) and registers them as a version of the model
+`featinv.training.registered_model` (default `featinv-<backbone>-<layer>`); the `runs:/` and
+`models:/` URIs it prints are `featinv.controlnet` values too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,9 +43,11 @@ import torch.nn.functional as F
 
 from featmap_ray import backbones
 from featmap_ray.config import Config
-from featmap_ray.featinv import data, metrics
+from featmap_ray.featinv import data, identity, metrics
 from featmap_ray.io import tables, tracking
 from featmap_ray.io.files import Location
+from featmap_ray.layout import Layout
+from featmap_ray.stages import base
 
 if TYPE_CHECKING:
     from featmap_ray.featinv.pipeline import FeatInvPipeline
@@ -169,29 +174,64 @@ def _mlflow_run(cfg: Config, run_id: str | None, rank: int) -> Iterator[str | No
     if run_id is None:
         st = tables.Store(cfg.storage)  # what training_dataset reads: the images, and the features table
         request, layer = data.featinv_backbone(cfg)
-        tables = [st.layout.images] + ([st.layout.features(request.name, layer)]
-                                    if cfg.featinv.training.features_source == "table" else [])
-        with tracking.stage_run(cfg, f"{NAME}:{cfg.featinv.training.run_name}", tracking.table_inputs(cfg, tables),
+        read = [st.layout.images] + ([st.layout.features(request.name, layer)]
+                                  if cfg.featinv.training.features_source == "table" else [])
+        with tracking.stage_run(cfg, f"{NAME}:{cfg.featinv.training.run_name}", tracking.table_inputs(cfg, read),
                                 context="training") as run:
             yield run.info.run_id
     else:
-        mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-        with mlflow.start_run(run_id=run_id):
+        with tracking.fluent_tracking(cfg), mlflow.start_run(run_id=run_id):
             yield run_id
 
 
-def _load(cfg: Config) -> tuple[FeatInvPipeline, dict]:
-    """The FeatInv model and the training state: from the run's last checkpoint, else new."""
+# The training settings that decide the weights at a given step: not max_steps (a run given a larger one goes
+# on), nor where it logs, samples or checkpoints, nor the device.
+TRAINING_SETTINGS = ("lr", "weight_decay", "batch_size", "prompt", "conditioning_dropout", "features_source", "hflip",
+                     "split", "variants", "shuffle_buffer", "num_workers", "seed")
+
+
+def provenance(cfg: Config) -> base.Provenance:
+    """What makes a training run's model: the training settings, the model it starts from (featinv.controlnet,
+    else a fresh ControlNet) on its base model, the backbone whose maps condition it, and the groups of the
+    images (and features) tables it reads."""
+    tr = cfg.featinv.training
+    request, layer = data.featinv_backbone(cfg)
+    st = tables.Store(cfg.storage)
+    settings = {**identity.model_identity(cfg), "featinv.backbone": request.model_dump(mode="json", exclude={"layers"}),
+                "featinv.layer": layer,
+                **{f"featinv.training.{k}": v for k, v in tr.model_dump(mode="json", include=set(TRAINING_SETTINGS)).items()}}
+    read = [st.layout.images] + ([st.layout.features(request.name, layer)] if tr.features_source == "table" else [])
+    inputs = {key: fingerprint for uri in read for key, fingerprint in (
+        base.current_fingerprints(cfg.storage, uri) if tr.variants is None
+        else base.input_fingerprints(cfg.storage, uri, tr.variants)).items()}
+    return base.Provenance(settings, inputs)
+
+
+def _load(cfg: Config, made: base.Provenance) -> tuple[FeatInvPipeline, dict]:
+    """The FeatInv model and the training state: from the run's last checkpoint when the same settings
+    (`made`) made it, else new. A checkpoint made by other settings stops the run (ProvenanceMismatch,
+    before any step), unless `overwrite`: then the run starts again from scratch."""
     import ray.train
 
     from featmap_ray.featinv import loading
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return loading.featinv_pipeline(cfg), {"step": 0, "mlflow_run_id": None}
-    with checkpoint.as_directory() as d:
-        pipe = loading.featinv_pipeline(cfg, os.path.join(d, "controlnet"))
-        return pipe, torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+            manifest = Path(d, "controlnet", identity.MANIFEST)
+            stored = base.Provenance.from_json(json.loads(manifest.read_text())["provenance"]) if manifest.exists() else None
+            if stored is not None and stored.fingerprint == made.fingerprint:
+                return loading.featinv_pipeline(cfg, os.path.join(d, "controlnet")), state
+            if not cfg.overwrite:
+                run_name = cfg.featinv.training.run_name
+                where = Layout(cfg.storage).featinv_run(run_name)
+                head = (f"{NAME}: the checkpoint of run {run_name} (step {state['step']}, under {where}) was made "
+                        "by other settings; nothing was trained:")
+                tail = ("Either use another featinv.training.run_name (or storage root), or pass --overwrite "
+                        "(overwrite=true) to train this run again from scratch.")
+                raise base.ProvenanceMismatch("\n".join([head, *(f"    {c}" for c in made.changes(stored)), tail]))
+    return loading.featinv_pipeline(cfg), {"step": 0, "mlflow_run_id": None}
 
 
 def train_loop(config: dict) -> None:
@@ -206,7 +246,8 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     # Models: the frozen base, the trainable ControlNet, the backbone for on-the-fly maps.
-    pipe, state = _load(cfg)
+    made = provenance(cfg)
+    pipe, state = _load(cfg, made)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # the sample grids' bars would interleave with Ray Train's output
     controlnet = pipe.controlnet
@@ -257,7 +298,8 @@ def train_loop(config: dict) -> None:
                     mlflow.log_image(sample_grid(pipe, cfg, *grid_inputs), f"samples/step_{step:07d}.png")
                 if step % tr.checkpoint_every == 0 or step == tr.max_steps:
                     _save(controlnet, optimizer, rank, {"step": step, "start_step": start_step, "mlflow_run_id": run_id,
-                                                        "loss": float(np.mean(losses[-tr.log_every:]))})
+                                                        "loss": float(np.mean(losses[-tr.log_every:]))},
+                          made, tr.run_name)
                 if step >= tr.max_steps:
                     break
             if batches == 0:
@@ -266,14 +308,17 @@ def train_loop(config: dict) -> None:
             epoch += 1
 
 
-def _save(controlnet, optimizer: torch.optim.Optimizer, rank: int, values: dict) -> None:
-    """Report the step's metrics with a checkpoint (written by rank 0; every rank must call this)."""
+def _save(controlnet, optimizer: torch.optim.Optimizer, rank: int, values: dict, made: base.Provenance,
+          run_name: str) -> None:
+    """Report the step's metrics with a checkpoint (written by rank 0; every rank must call this). The
+    ControlNet's folder holds its manifest (featinv.identity): what made it, its run and step."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
             controlnet.save_pretrained(os.path.join(d, "controlnet"))
+            identity.write_manifest(Path(d, "controlnet"), made.to_json(), run_name=run_name, step=values["step"])
             torch.save({"optimizer": optimizer.state_dict(), "step": values["step"],
                         "mlflow_run_id": values["mlflow_run_id"]}, os.path.join(d, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(d)
@@ -314,6 +359,13 @@ def first_worker_error(error: Exception) -> Exception:
     return failures[0] if failures else error
 
 
+def publish_controlnet(final: Location, controlnet: str) -> None:
+    """The ControlNet in the local folder `controlnet` (diffusers format) as the new published version
+    of `final`, the folder `featinv.controlnet` names (readers resolve its version: featinv.loading)."""
+    with final.publish() as out:
+        shutil.copytree(controlnet, out, dirs_exist_ok=True)
+
+
 def run(cfg: Config) -> TrainSummary:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -343,12 +395,11 @@ def run(cfg: Config) -> TrainSummary:
         raise cause from e
     if result.checkpoint is None:
         raise RuntimeError(f"featinv training run {tr.run_name} reported no checkpoint (max_steps {tr.max_steps})")
-    final = Location(storage) / tr.run_name / "controlnet"
+    final = Layout(cfg.storage).featinv_controlnet(tr.run_name)
     m = result.metrics or {}
     step, run_id, registered = int(m.get("step", 0)), m.get("mlflow_run_id"), None
     with result.checkpoint.as_directory() as d:
-        with final.staged() as out:
-            shutil.copytree(os.path.join(d, "controlnet"), out, dirs_exist_ok=True)
+        publish_controlnet(final, os.path.join(d, "controlnet"))
         if run_id is not None:
             registered = tracking.register_model(cfg, run_id, os.path.join(d, "controlnet"),
                                                  f"controlnet/step_{step:07d}", registered_model_name(cfg),
@@ -356,3 +407,30 @@ def run(cfg: Config) -> TrainSummary:
     return TrainSummary(tr.run_name, int(m.get("start_step", step)), step, m.get("loss"), str(final),
                         result.checkpoint.path, run_id, registered)
 
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    """The final model of run featinv.training.run_name: missing, stale (made by other settings, or what it
+    read changed since), partial (trained to fewer than max_steps) or up to date."""
+    tr = cfg.featinv.training
+    final = Layout(cfg.storage).featinv_controlnet(tr.run_name)
+    if final.current() is None:
+        return [base.OutputStatus(NAME, str(final), "missing")]
+    manifest = identity.read_manifest(cfg, tracking.model_source(cfg, str(final)))
+    stored = None if manifest is None else base.Provenance.from_json(manifest["provenance"])
+    made = provenance(cfg)
+    if stored is None or stored.fingerprint != made.fingerprint:
+        return [base.OutputStatus(NAME, str(final), "stale", "; ".join(made.changes(stored)[:3]))]
+    if manifest["step"] < tr.max_steps:
+        return [base.OutputStatus(NAME, str(final), "partial", f"step {manifest['step']} of {tr.max_steps}")]
+    return [base.OutputStatus(NAME, str(final), "up to date", f"step {manifest['step']}, weights {manifest['weights']}")]
+
+
+FEATINV_KEYS = ("featinv", "featinv.training", "featinv.sampling", "featinv.eval", "extract.backbones")
+
+STAGE = base.Stage(
+    "featinv-train", "train a FeatInv ControlNet on Ray Train", run,
+    details="Checkpoints and the final ControlNet go to <storage>/featinv/<run_name>; a re-run with a larger "
+            "max_steps continues from the last checkpoint.",
+    keys=(*base.RAY_KEYS, *FEATINV_KEYS), checks=(data.check_featinv,), reads=("images", "features"),
+    writes=("featinv",), shows_runs_page=True)

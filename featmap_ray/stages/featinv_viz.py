@@ -4,8 +4,8 @@ config. The maths is in `viz.py`; this module reads the maps, samples, scores an
 
 It runs in the calling process (a handful of maps: no Ray Data), on CUDA when featinv.sampling.num_gpus
 > 0 (under `ray job submit`, give the driver the GPU: `--entrypoint-num-gpus 1`). Everything goes to
-`<storage>/results/<mapping.study>/featinv_viz/` (replaced as a whole, local or object store; `featmap report`
-copies it into the report) and to the MLflow stage run `<study>:featinv-viz`:
+`<storage>/results/<mapping.study>/featinv_viz/` (a new version published as a whole, local or object store:
+featmap_ray.io.files; `featmap report` copies it into the report) and to the MLflow stage run `<study>:featinv-viz`:
 
     concepts/<source>/            source.png, recon_seed<s>.png, concept<k>_seed<s>.png,
                                   concept<k>_heat.png, concept<k>_unaffected.png
@@ -32,9 +32,12 @@ from featmap_ray import backbones, runtime
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.cosine import median_cosine
 from featmap_ray.evaluation.report import new_figure, safe_name, save_figure
-from featmap_ray.featinv import data, metrics, viz
+from featmap_ray.featinv import data, identity, metrics, viz
 from featmap_ray.io import imageio, tables, tracking
 from featmap_ray.io.files import Location
+from featmap_ray.layout import Layout
+from featmap_ray.stages import base
+from featmap_ray.stages.featinv_train import FEATINV_KEYS
 
 NAME = "featinv-viz"
 KEY = "featinv.viz"
@@ -135,14 +138,15 @@ def read_sources(cfg: Config, ids: list[str]) -> dict[str, np.ndarray]:
 
 
 class Sampler:
-    """FeatInv + the backbone probe: maps and seeds -> uint8 images, and the cosine of a map with its image's."""
+    """FeatInv + the backbone probe: maps and seeds -> uint8 images, and the cosine of a map with its image's.
+    `controlnet`: the ControlNet (None: featinv.controlnet)."""
 
-    def __init__(self, cfg: Config, p: Plan):
+    def __init__(self, cfg: Config, p: Plan, controlnet: str | None = None):
         from featmap_ray.featinv import loading
 
         self.sampling = cfg.featinv.sampling
         device = runtime.actor_device(self.sampling.num_gpus > 0)
-        self.pipe = loading.featinv_pipeline(cfg).to(device)
+        self.pipe = loading.featinv_pipeline(cfg, controlnet).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.probe = metrics.BackboneProbe(p.request, p.layer, device)
 
@@ -291,11 +295,28 @@ def composition(sampler: Sampler, p: Plan, maps: dict[str, np.ndarray], out: Pat
 
 def output_dir(cfg: Config) -> Location:
     """Where the experiments' files go: beside the study's results (a report is rebuilt from them)."""
-    return Location(cfg.storage) / "results" / cfg.mapping.study / "featinv_viz"
+    return Layout(cfg.storage).featinv_viz(cfg.mapping.study)
+
+
+def provenance(cfg: Config, p: Plan, controlnet: str | None) -> base.Provenance:
+    """What made the experiments' outputs: the FeatInv model (`controlnet`: as `Sampler` loads it) and
+    sampler, the seeds, the backbone (its maps, the cosine probe), featinv.viz (and the content of its
+    concept bases' file), and the features and images groups read."""
+    v, st = cfg.featinv.viz, tables.Store(cfg.storage)
+    settings = {**identity.model_identity(cfg, controlnet), **identity.sampler_settings(cfg),
+                "featinv.sampling.seed": cfg.featinv.sampling.seed,
+                "featinv.backbone": p.request.model_dump(mode="json", exclude={"layers"}), "featinv.layer": p.layer,
+                **{f"{KEY}.{k}": value for k, value in v.model_dump(mode="json").items()}}
+    if v.concepts:
+        settings[f"{KEY}.concepts"] = f"{v.concepts} (content {identity.content_digest(v.concepts)})"
+    inputs = {**base.input_fingerprints(cfg.storage, st.layout.features(p.request.name, p.layer), [v.variant]),
+              **base.input_fingerprints(cfg.storage, st.layout.images, [v.variant])}
+    return base.Provenance(settings, inputs)
 
 
 def run(cfg: Config) -> str:
-    """The three experiments on the selected maps; returns what it made, in words."""
+    """The three experiments on the selected maps; returns what it made, in words. results.json records
+    their provenance (`provenance`)."""
     from safetensors.numpy import save_file
 
     v = cfg.featinv.viz
@@ -306,10 +327,12 @@ def run(cfg: Config) -> str:
                                            v.n_concepts, v.rank, v.seed)
     how = f"file {v.concepts}" if v.concepts else (f"k-means + SVD of {len(p.fit_ids)} maps' vectors "
                                                    f"(n_concepts {v.n_concepts}, rank {v.rank}, seed {v.seed})")
-    sampler = Sampler(cfg, p)
+    controlnet = identity.pinned_controlnet(cfg)
+    made = provenance(cfg, p, controlnet)
+    sampler = Sampler(cfg, p, controlnet)
     st = tables.Store(cfg.storage)
     target = output_dir(cfg)
-    with target.staged(marker="results.json") as out:
+    with target.publish() as out:
         concept_rows = steer_concepts(sampler, p, maps, sources, concepts, v.factor, out)
         interp_rows = interpolation(sampler, p, maps, sources, v.alphas, out)
         composed = composition(sampler, p, maps, out)
@@ -322,7 +345,7 @@ def run(cfg: Config) -> str:
                    "controlnet": str(source) if source else "fresh from the base UNet",
                    "concepts": {"how": how, "ranks": [b.shape[0] for b in concepts.bases]},
                    "factor": v.factor, "seeds": p.seeds, "concept_steering": concept_rows,
-                   "interpolation": interp_rows, "composition": composed}
+                   "interpolation": interp_rows, "composition": composed, "provenance": made.to_json()}
         (out / "results.json").write_text(json.dumps(results, indent=1))
         curve = pd.DataFrame(interp_rows).groupby("alpha")["cos_median_lower"].mean()
         logged = {f"interp_cos_alpha_{alpha:g}": float(cos) for alpha, cos in curve.items()}
@@ -344,3 +367,20 @@ def run(cfg: Config) -> str:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def check_plan(cfg: Config) -> None:
+    """featinv.viz against the features table: the images, the pair, the region on the layer's grid, the
+    concept bases' dimension, the alphas (the config checks their range)."""
+    plan(cfg)
+
+
+STAGE = base.Stage(
+    NAME, "FeatInv-Viz: concept steering, interpolation, composition (PNGs)", run,
+    details="Attenuates concepts of the selected images' feature maps (a k-means + SVD decomposition, or "
+            "featinv.viz.concepts) and maps where the reconstructions change; reconstructs interpolations and a "
+            "spatial composition of two maps. PNGs, CSVs and results.json in <storage>/results/<study>/"
+            "featinv_viz/ (copied into the report by `featmap report`) and MLflow.",
+    keys=(*base.RAY_KEYS, "featinv.viz", "mapping.study", *FEATINV_KEYS),
+    checks=(data.check_featinv, check_plan), reads=("features", "images", "featinv"), writes=("featinv_viz",),
+    shows_runs_page=True)

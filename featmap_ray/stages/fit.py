@@ -7,6 +7,11 @@ many groups at once as the cluster holds (or `mapping.resources.max_concurrent`)
 group whose driver died (`max_failures`, resuming from its last checkpoint), and records each
 run's failure without stopping the others. A run whose folder holds a model with the same digest
 is finished and skipped, so re-running a study after a crash trains only what is missing.
+
+Provenance: each published run records its own settings and the fingerprints of the features
+groups it read (run.json's `provenance`). A run whose input features changed since is retrained;
+one whose own settings changed under the same key refuses before anything starts, unless
+`--overwrite` (or `mapping.refit`) asks to retrain it.
 """
 
 from __future__ import annotations
@@ -21,8 +26,17 @@ from typing import Any
 from featmap_ray.config import Config
 from featmap_ray.io import tables, tracking
 from featmap_ray.io.files import Location
+from featmap_ray.layout import Layout
 from featmap_ray.mapping import artefacts, grid
+from featmap_ray.stages import base
 from featmap_ray.stages import mapping_train as train
+
+# Why a published run is trained again (besides mapping.refit, which retrains every run).
+INPUTS_CHANGED = "input features changed"  # its features groups, pairs or normalisation statistics
+SETTINGS_CHANGED = "settings changed, --overwrite"
+NO_PROVENANCE = "no provenance recorded"  # fitted by an older featmap-ray
+REVISION_CHANGED = "training procedure changed"  # grid.TRAINING_REVISION
+RETRAINED = (INPUTS_CHANGED, SETTINGS_CHANGED, NO_PROVENANCE, REVISION_CHANGED)
 
 
 @dataclass
@@ -34,10 +48,14 @@ class StudySummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    retrained: dict[str, str] = field(default_factory=dict)  # published runs trained again: key -> why (RETRAINED)
 
     def __str__(self) -> str:
+        why = [f"{sum(r == reason for r in self.retrained.values())} ({reason})" for reason in RETRAINED
+               if reason in self.retrained.values()]
         lines = [f"[fit] study {self.study}: {self.runs} runs; fitted {len(self.fitted)} in {self.groups} fused "
-                 f"group(s), skipped as finished {len(self.skipped)}, failed {len(self.failed)} in {self.seconds:.0f} s"]
+                 f"group(s)" + (f", retrained {', '.join(why)}" if why else "") +
+                 f", skipped as finished {len(self.skipped)}, failed {len(self.failed)} in {self.seconds:.0f} s"]
         lines += [f"  FAILED {key}: {msg.splitlines()[0][:300]}" for key, msg in self.failed.items()]
         if self.failed:
             lines.append("  (also in errors.lance, stage 'fit'; the MLflow runs are marked FAILED)")
@@ -61,11 +79,58 @@ def check_tables(st: tables.Store, runs: list[grid.RunSpec]) -> None:
 
 def validate_study(cfg: Config) -> list[grid.RunSpec]:
     """Every run of the study, checked against the tables (manipulations made, features
-    extracted): raises, naming what is wrong, before any work. Needs no Ray."""
+    extracted) and against its published run (`check_settings`): raises, naming what is wrong,
+    before any work. Needs no Ray."""
     st = tables.Store(cfg.storage)
     runs = grid.expand(cfg, known_manipulations(st))
     check_tables(st, runs)
+    check_settings(cfg, runs)
     return runs
+
+
+def published_runs(cfg: Config, runs: list[grid.RunSpec]) -> dict[str, dict[str, Any]]:
+    """{run key: its run.json} of the study's runs that are published."""
+    infos = {spec.key: artefacts.read_info(artefacts.run_dir(cfg, spec)) for spec in runs}
+    return {key: info for key, info in infos.items() if info is not None}
+
+
+def changed_settings(cfg: Config, runs: list[grid.RunSpec], published: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """{run key: each of its own settings that differs, "setting: old -> new"} of the `published` runs
+    (`published_runs`) whose recorded settings differ from what this config asks for under the same key."""
+    training = train.training_settings(cfg)
+    out = {}
+    for spec in runs:
+        recorded = published.get(spec.key, {}).get("provenance")
+        if recorded is None:
+            continue  # not published, or by an older featmap-ray: nothing to compare, it is (re)trained
+        old = base.Provenance.from_json(recorded)
+        # Against the recorded inputs: changed input features retrain a run, they never refuse one.
+        changes = base.Provenance(train.run_settings(cfg, spec, training), old.inputs).changes(old)
+        if changes:
+            out[spec.key] = changes
+    return out
+
+
+def check_settings(cfg: Config, runs: list[grid.RunSpec]) -> None:
+    """Refuse (ProvenanceMismatch), before anything is trained, when published runs of the study were
+    trained with other settings under the same keys, unless `overwrite` (or `mapping.refit`) asks to
+    retrain them."""
+    if cfg.overwrite or cfg.mapping.refit:
+        return
+    changed = changed_settings(cfg, runs, published_runs(cfg, runs))
+    if not changed:
+        return
+    lines = [(f"fit: {len(changed)} published run(s) of study {cfg.mapping.study!r} were trained with other "
+              "settings; nothing was trained.")]
+    by_change: dict[tuple[str, ...], list[str]] = {}
+    for key, changes in changed.items():
+        by_change.setdefault(tuple(changes), []).append(key)
+    for changes, keys in by_change.items():
+        lines.append(f"  {', '.join(keys[:4])}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else "") + ":")
+        lines += [f"    {change}" for change in changes]
+    lines.append("Either use another study (mapping.study=...) or storage root (storage=...), or pass --overwrite "
+                 "(overwrite=true) to retrain exactly these runs.")
+    raise base.ProvenanceMismatch("\n".join(lines))
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
@@ -101,10 +166,25 @@ def tune_run_config(cfg: Config, kind: str, **kwargs):
                           storage_path=str(Location(cfg.storage) / "mapping" / "tune"), verbose=0, **kwargs)
 
 
-def plan_study(cfg: Config, runs: list[grid.RunSpec]) -> tuple[list[train.GroupPlan], list[str]]:
-    """(groups with their pending runs, keys of finished runs). Groups are cut over all runs of a
-    data key, pending or not, so a group keeps its name (and its checkpoints) across re-runs."""
-    plans, done, norm_cache = [], [], {}
+def retrain_reason(root: str, plan: train.GroupPlan, run: train.PlannedRun, published: dict[str, Any]) -> str:
+    """Why a published run whose digest differs from the planned one is trained again (`RETRAINED`)."""
+    recorded = published.get("provenance")
+    if recorded is None:
+        return NO_PROVENANCE
+    if base.Provenance(run.provenance.settings).changes(base.Provenance(recorded.get("settings", {}))):
+        return SETTINGS_CHANGED
+    if base.run_staleness(root, published) or published.get("data") != plan.data or published.get("norm") != run.norm:
+        return INPUTS_CHANGED
+    return REVISION_CHANGED
+
+
+def plan_study(cfg: Config, runs: list[grid.RunSpec]) -> tuple[list[train.GroupPlan], list[str], dict[str, str]]:
+    """(groups with their pending runs, keys of finished runs, {key: why} of published runs trained
+    again). A published run is finished when its digest is the planned one: its settings, the
+    provenance of its input features, its pairs and its normalisation are the same. Groups are cut
+    over all runs of a data key, pending or not, so a group keeps its name (and its checkpoints)
+    across re-runs."""
+    plans, done, retrained, norm_cache = [], [], {}, {}
     suffix = train.refit_suffix() if cfg.mapping.refit else ""
     chunks = grid.fused_groups(runs, cfg.mapping.resources.models_per_group)  # a data key's chunks are adjacent
     for _, same_data in itertools.groupby(chunks, key=lambda chunk: chunk[0].data_key):
@@ -114,13 +194,18 @@ def plan_study(cfg: Config, runs: list[grid.RunSpec]) -> tuple[list[train.GroupP
             plan.name += suffix
             pending = []
             for run in plan.runs:
-                published = artefacts.read_info(run.out_dir) or {}
-                finished = published.get("digest") == run.digest and not cfg.mapping.refit
-                (done.append(run.key) if finished else pending.append(run))
+                published = artefacts.read_info(run.out_dir)
+                if cfg.mapping.refit or published is None:
+                    pending.append(run)
+                elif published.get("digest") == run.digest:
+                    done.append(run.key)
+                else:
+                    pending.append(run)
+                    retrained[run.key] = retrain_reason(cfg.storage, plan, run, published)
             if pending:
                 plan.runs = pending
                 plans.append(plan)
-    return plans, done
+    return plans, done, retrained
 
 
 def _trial(config: dict[str, Any], plans: list[train.GroupPlan], cfg_data: dict[str, Any], parent: str) -> None:
@@ -138,9 +223,10 @@ def run_study(cfg: Config) -> StudySummary:
     from ray import tune
 
     runs = validate_study(cfg)
+    tables.Store(cfg.storage).check_errors_table()  # where failures go, before anything is trained
     started = time.perf_counter()
-    plans, done = plan_study(cfg, runs)
-    summary = StudySummary(cfg.mapping.study, len(runs), len(plans), skipped=done)
+    plans, done, retrained = plan_study(cfg, runs)
+    summary = StudySummary(cfg.mapping.study, len(runs), len(plans), skipped=done, retrained=retrained)
     if not plans:
         return summary
     # The fit stage run, under the study's run; the mapping runs nest under it. Inputs: the
@@ -175,10 +261,53 @@ def run_study(cfg: Config) -> StudySummary:
 
 
 def _record_failures(cfg: Config, summary: StudySummary) -> None:
-    """Failed runs as rows of errors.lance (stage "fit", key = run key); runs that now succeeded
-    are cleared from it."""
+    """Failed runs as rows of errors.lance (stage "fit", target = the study's runs folder, key = run
+    key); runs that now succeeded are cleared from it."""
     st = tables.Store(cfg.storage)
-    st.record_errors("fit", [{"key": key, "reason": "mapping run failed", "message": msg}
-                             for key, msg in summary.failed.items()])
-    if st.open(st.layout.errors) is not None:
-        st.clear_errors("fit", summary.fitted)
+    runs = st.layout.runs(cfg.mapping.study)
+    st.record_errors("fit", str(runs), [{"key": key, "reason": "mapping run failed", "message": msg}
+                                        for key, msg in summary.failed.items()])
+    st.clear_errors("fit", str(runs), summary.fitted)
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    """The study's runs, for `featmap status`: missing (none published), stale (published runs whose
+    input features changed since, whose own settings differ from this config's, or that record no
+    provenance; the first named), partial (n of m runs finished) or up to date. Reads run.json and
+    the features tables' provenance only (a change of the pairs themselves shows when `fit` plans)."""
+    runs = grid.expand(cfg)
+    where = str(Layout(cfg.storage).runs(cfg.mapping.study))
+    published = published_runs(cfg, runs)
+    finished = f"{len(published)} of {len(runs)} runs finished"
+    if not published:
+        return [base.OutputStatus("fit", where, "missing", finished)]
+    by_table: dict[str, dict[str, str]] = {}
+    stale = {key: base.run_staleness(cfg.storage, info, by_table) for key, info in published.items()}
+    for key, changes in changed_settings(cfg, runs, published).items():
+        stale[key] = changes + stale[key]
+    stale = {key: reasons for key, reasons in stale.items() if reasons}
+    if stale:
+        key, reasons = next(iter(stale.items()))
+        return [base.OutputStatus("fit", where, "stale", f"{len(stale)} run(s) ({finished}), e.g. {key}: "
+                                                         f"{'; '.join(reasons[:3])}")]
+    return [base.OutputStatus("fit", where, "partial" if len(published) < len(runs) else "up to date", finished)]
+
+
+FIT_KEYS = ("mapping", "mapping.targets", "mapping.training", "mapping.resources", "manipulate.ops",
+            "extract.backbones")
+
+
+def command(cfg: Config) -> StudySummary:
+    summary = run_study(cfg)
+    if summary.failed and not summary.fitted and not summary.skipped:
+        raise RuntimeError(f"every run of study {cfg.mapping.study} failed")
+    return summary
+
+
+STAGE = base.Stage(
+    "fit", "train the study's pending mapping runs (Ray Tune schedules the grid)", command,
+    details="Expands mapping.datasets x targets x losses into runs; finished runs are skipped, interrupted ones "
+            "resume, runs whose input features changed are retrained. Runs land in "
+            "<storage>/mapping/runs/<study>/.",
+    keys=(*base.RAY_KEYS, *FIT_KEYS), checks=(validate_study,), reads=("features",), writes=("runs", "errors"),
+    shows_runs_page=True)

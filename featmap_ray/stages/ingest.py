@@ -9,6 +9,11 @@ the dataset (LSUN-Bedroom). Ids are assigned here, from the path relative to the
 are stable across re-runs and unique across classes and splits; file names need no renaming.
 Class subsets and per-class samples are chosen in sorted order with seeded draws, never in
 directory-listing order.
+
+Provenance (stages/base.py): the originals are one group of the images table, `original`, made by
+`dataset.image_size` and the resize/crop rule. Another size refuses before writing (or, with
+`--overwrite`, deletes and recomputes the originals; other datasets' originals in the same table then
+come back when their ingest runs again). A second dataset writes alongside: its name is part of the key.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from featmap_ray.stages import base
 log = logging.getLogger(__name__)
 NAME = "ingest"
 BATCH_SCHEMA = tables.with_error_columns(tables.IMAGES_SCHEMA)
+BUILTIN = "builtin:skimage"  # dataset.root of the embedded demo
+# How an original's pixels are made from its file (recorded in the provenance: another rule is other pixels).
+RESIZE_RULE = "torchvision Resize(image_size, bilinear, antialias) + CenterCrop(image_size)"
 
 
 @dataclass(frozen=True)
@@ -158,12 +166,29 @@ def load_originals(batch: pa.Table, cfg: DatasetConfig, root: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=BATCH_SCHEMA)
 
 
+def source_root(cfg: Config) -> str:
+    """Where the dataset's image folders are: dataset.root, or the demo photographs' folder under the root."""
+    if cfg.dataset.root == BUILTIN:
+        return str(tables.Store(cfg.storage).layout.sources("skimage"))
+    return cfg.dataset.root
+
+
 def resolve_root(cfg: Config) -> str:
-    if cfg.dataset.root == "builtin:skimage":
+    """`source_root`, with the demo photographs unpacked there first."""
+    root = source_root(cfg)
+    if cfg.dataset.root == BUILTIN:
         from featmap_ray import demo_data
 
-        return demo_data.materialize(f"{cfg.storage}/sources/skimage")
-    return cfg.dataset.root
+        demo_data.materialize(root)
+    return root
+
+
+def originals_group(cfg: Config) -> base.Group:
+    """The originals and what makes their pixels: the size and the resize rule. The dataset is part of the
+    key (its name is in each source_id and row), so another dataset's originals go alongside in this group;
+    the choice of images (classes, samples) only decides which keys exist."""
+    settings = {"image_size": cfg.dataset.image_size, "resize": RESIZE_RULE}
+    return base.Group(tables.ORIGINAL, base.Provenance(settings), base.group_filter("variant", tables.ORIGINAL))
 
 
 def run(cfg: Config) -> base.StageSummary:
@@ -174,11 +199,47 @@ def run(cfg: Config) -> base.StageSummary:
     items = discover(cfg.dataset, root)
     if not items:
         raise FileNotFoundError(f"no image files ({', '.join(cfg.dataset.extensions)}) found under {root}")
+    targets = [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)]
+    overwritten = base.reconcile(NAME, [(targets[0], [originals_group(cfg)])], overwrite=cfg.overwrite)
     done = {s for s, _ in st.keys(st.layout.images, filter=f"variant = '{tables.ORIGINAL}'")}
     pending = [asdict(i) for i in items if i.source_id not in done]
-    targets = [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)]
     ds = None
     if pending:
         ds = ray.data.from_items(pending).map_batches(
             load_originals, fn_kwargs={"cfg": cfg.dataset, "root": root}, batch_size=16, batch_format="pyarrow")
-    return base.write_stage(st, NAME, ds, targets, rows_per_commit=256, skipped=len(items) - len(pending))
+    return base.write_stage(st, NAME, ds, targets, rows_per_commit=256, skipped=len(items) - len(pending),
+                            overwritten=sum(m.rows for m in overwritten))
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    """The originals against this config; partial counts this dataset's image files (when its folder can be
+    listed: the demo's photographs once ingest has unpacked them)."""
+    st = tables.Store(cfg.storage)
+    try:
+        expected = {tables.ORIGINAL: len(discover(cfg.dataset, source_root(cfg)))}
+    except FileNotFoundError:
+        expected = None
+    return [base.table_status(NAME, st.layout.images, [originals_group(cfg)], expected)]
+
+
+def check_dataset(cfg: Config) -> None:
+    """dataset.root is a folder holding image files of the configured classes (the builtin demo
+    photographs are unpacked by ingest itself)."""
+    root = cfg.dataset.root
+    if not root.startswith("builtin:") and not discover(cfg.dataset, root):
+        raise FileNotFoundError(f"no image files ({', '.join(cfg.dataset.extensions)}) under dataset.root {root}")
+
+
+def command(cfg: Config) -> str:
+    from featmap_ray.io import tracking
+
+    return base.run_pipeline_stage(cfg, NAME, [tracking.TableInput(cfg.dataset.name, cfg.dataset.root)],
+                                   lambda: [run(cfg)])
+
+
+STAGE = base.Stage(
+    NAME, "image folders -> images.lance (originals, resized and centre-cropped)", command,
+    details="Lists the image files under dataset.root, decodes, resizes and centre-crops them; unreadable files "
+            "become rows of errors.lance. A re-run adds only what is missing.",
+    keys=(*base.RAY_KEYS, "dataset"), checks=(check_dataset,), reads=("dataset.root",), writes=("images", "errors"),
+    epilogue=base.describe_tables)

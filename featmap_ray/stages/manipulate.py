@@ -3,6 +3,11 @@
 Only (source_id, manipulation) pairs not yet stored are computed, so a re-run resumes. A random
 manipulation draws from a seed derived from (manipulate.seed, source_id, manipulation), so the
 result does not depend on worker count or processing order.
+
+Provenance (stages/base.py): each manipulation is one group of the images table (its variant), made by
+its op and parameter, `manipulate.seed` when the op is random, and the `original` group it read.
+Another parameter or seed, or originals made by other settings, refuse before writing; `--overwrite`
+recomputes exactly those variants. A new manipulation is a new variant, written alongside.
 """
 
 from __future__ import annotations
@@ -52,12 +57,24 @@ def failure_row(original: dict, variant: str, error: Exception) -> dict:
             **tables.failure(type(error).__name__, f"{variant} of {original['source_id']}: {error}")}
 
 
+def variant_groups(cfg: Config, st: tables.Store) -> list[base.Group]:
+    """One group of the images table per manipulation: its op and parameter, the base seed when the op is
+    random (a deterministic op does not depend on it), and the originals it reads."""
+    inputs = base.input_fingerprints(st.root, st.layout.images, [tables.ORIGINAL])
+    return [base.Group(m.name, base.Provenance({"op": m.op, "param": m.param,
+                                                **({"seed": cfg.manipulate.seed} if m.random else {})}, inputs),
+                       base.group_filter("variant", m.name))
+            for m in cfg.manipulate.manipulations()]
+
+
 def run(cfg: Config) -> base.StageSummary:
     st = tables.Store(cfg.storage)
     manipulations = {m.name: m for m in cfg.manipulate.manipulations()}
     originals = [s for s, _ in st.keys(st.layout.images, filter=f"variant = '{tables.ORIGINAL}'")]
     if not originals:
         raise FileNotFoundError(f"no original images in {st.layout.images}: run `featmap ingest` first")
+    target = tables.Target(st.layout.images, tables.IMAGES_SCHEMA)
+    overwritten = base.reconcile(NAME, [(target, variant_groups(cfg, st))], overwrite=cfg.overwrite)
     done = st.keys(st.layout.images, filter=f"variant != '{tables.ORIGINAL}'")
     pending: dict[str, list[str]] = {}
     for sid in originals:
@@ -71,5 +88,24 @@ def run(cfg: Config) -> base.StageSummary:
             manipulate_batch, batch_size=cfg.manipulate.batch_size, batch_format="pyarrow",
             fn_kwargs={"manipulations": manipulations, "pending": pending, "base_seed": cfg.manipulate.seed})
     skipped = len(originals) * len(manipulations) - n_pending
-    return base.write_stage(st, NAME, ds, [tables.Target(st.layout.images, tables.IMAGES_SCHEMA)],
-                             rows_per_commit=256, skipped=skipped)
+    return base.write_stage(st, NAME, ds, [target], rows_per_commit=256, skipped=skipped,
+                            overwritten=sum(m.rows for m in overwritten))
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    """The variants against this config: each holds one row per stored original when complete."""
+    st = tables.Store(cfg.storage)
+    groups = variant_groups(cfg, st)
+    n_originals = st.count(st.layout.images, filter=base.group_filter("variant", tables.ORIGINAL))
+    return [base.table_status(NAME, st.layout.images, groups, {g.name: n_originals for g in groups})]
+
+
+def command(cfg: Config) -> str:
+    return base.run_pipeline_stage(cfg, NAME, base.images_input(cfg), lambda: [run(cfg)])
+
+
+STAGE = base.Stage(
+    NAME, "originals -> manipulated variants in images.lance", command,
+    details="Applies every manipulate.ops entry to every original image.",
+    keys=(*base.RAY_KEYS, "manipulate"), checks=(base.check_images,), reads=("images",), writes=("images", "errors"),
+    epilogue=base.describe_tables)

@@ -12,9 +12,18 @@ import pyarrow as pa
 import torch
 
 from featmap_ray.config import Config
+from featmap_ray.featinv import identity
 from featmap_ray.io import tables
+from featmap_ray.io.files import Location
 from featmap_ray.mapping import data
-from featmap_ray.mapping.artefacts import finished_runs, load_run, read_info, runs_root
+from featmap_ray.mapping.artefacts import (
+    MODEL_FILE,
+    finished_runs,
+    load_run,
+    published_version,
+    read_info,
+    runs_root,
+)
 from featmap_ray.mapping.grid import RunSpec
 
 
@@ -35,10 +44,8 @@ class _MapWithRun:
                          "feature": tables.tensor_array(mapped)})
 
 
-def mapped_features(cfg: Config, run_key: str, split: str = "test"):
-    """(Ray Dataset of mapped maps, their (source_id, variant) keys) for run `run_key` of the study."""
-    import ray.data
-
+def mapped_pairs(cfg: Config, run_key: str, split: str = "test") -> tuple[Location, dict, data.Pairs]:
+    """A finished run `run_key` of the study: its folder, its run.json, and the held-out pairs of `split` it maps."""
     run_dir = runs_root(cfg) / run_key
     info = read_info(run_dir)
     if info is None:
@@ -50,9 +57,22 @@ def mapped_features(cfg: Config, run_key: str, split: str = "test"):
                             manipulation=spec.manipulation, split=split)
     if len(pairs) == 0:
         raise ValueError(f"mapping run {run_key}: no {split} pairs to map")
+    return run_dir, info, pairs
+
+
+def run_identity(run_dir: Location, info: dict) -> str:
+    """A published run as its consumers' provenance names it: its key, its digest (the settings and data
+    it was fitted with) and the content of its weights (a refit with the same digest is another model)."""
+    weights = identity.content_digest(published_version(run_dir) / MODEL_FILE)
+    return f"{run_dir.name} (digest {info['digest']}, weights {weights})"
+
+
+def mapped_features(run_dir: Location, pairs: data.Pairs, split: str):
+    """The Ray Dataset of the run's mapped maps of `pairs` (see `mapped_pairs`), keyed (source_id, manipulation)."""
+    import ray.data
+
     index = pa.table({"row": np.arange(len(pairs), dtype=np.int64), "source_id": pairs.source_ids,
                       "class_idx": pairs.class_idx.astype(np.int32)})
-    ds = ray.data.from_arrow(index).map_batches(
+    return ray.data.from_arrow(index).map_batches(
         _MapWithRun, fn_constructor_kwargs={"run_dir": str(run_dir), "pairs": pairs, "split": split},
         batch_format="pyarrow", batch_size=64, concurrency=1)
-    return ds, [(sid, spec.manipulation) for sid in pairs.source_ids]

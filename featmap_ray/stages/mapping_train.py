@@ -1,7 +1,8 @@
 """A fused group of mapping runs on Ray Train: a thin TorchTrainer adapter over `loop.GroupFit`.
 
 `plan_group` (driver) fixes what a group trains: its pairs (split by source image), the
-normalisation statistics, each run's digest and output folder. `fit_group` (driver; a Ray Tune
+normalisation statistics, each run's provenance (its settings and the features groups it reads,
+recorded in run.json), digest and output folder. `fit_group` (driver; a Ray Tune
 trial in a study) opens each run's MLflow run and fits one `TorchTrainer` whose workers run
 `train_group`: every worker reads its shard of the pairs from Lance by offset, builds every
 member model, resumes each from the latest Ray Train checkpoint when its digest matches, and
@@ -29,8 +30,9 @@ import torch
 from featmap_ray.config import Config, MappingTraining
 from featmap_ray.io import tables, tracking
 from featmap_ray.io.files import Location
-from featmap_ray.mapping import artefacts, data
+from featmap_ray.mapping import artefacts, data, grid
 from featmap_ray.mapping.grid import RunSpec, run_digest
+from featmap_ray.stages import base
 
 GROUP_STATE = "group.pt"
 # Ray Train's controller collects reports and checkpoints when it polls the workers (every 2 s by
@@ -45,6 +47,7 @@ class PlannedRun:
     training: MappingTraining
     norm: dict | None
     out_dir: str
+    provenance: base.Provenance  # recorded in run.json: its settings and the features groups it reads
     mlflow_run_id: str | None = None
 
     @property
@@ -85,6 +88,19 @@ def training_settings(cfg: Config, overrides: dict[str, Any] | None = None) -> M
     return MappingTraining(**{**cfg.mapping.training.model_dump(), **(overrides or {})})
 
 
+def run_settings(cfg: Config, spec: RunSpec, training: MappingTraining | None = None) -> dict[str, Any]:
+    """`grid.run_settings` of `spec` under this config (with `training`, by default the config's)."""
+    return grid.run_settings(spec, training=(training or training_settings(cfg)).model_dump(),
+                             loss_options=cfg.mapping.loss_options, num_workers=cfg.mapping.resources.num_workers)
+
+
+def features_inputs(cfg: Config, pairs: data.Pairs) -> dict[str, str]:
+    """The provenance of the features groups `pairs` read (the originals and the manipulation), as the
+    table version they come from records it: input key -> fingerprint (a group recording none is absent)."""
+    return {base.input_key(cfg.storage, pairs.uri, group): fingerprint for group, fingerprint in pairs.groups.items()
+            if fingerprint}
+
+
 def plan_group(cfg: Config, specs: list[RunSpec], *, name: str | None = None, part: int | None = None,
                training: MappingTraining | None = None, out_dirs: list[Location] | None = None,
                norm_cache: dict | None = None) -> GroupPlan:
@@ -110,17 +126,18 @@ def plan_group(cfg: Config, specs: list[RunSpec], *, name: str | None = None, pa
     if any(s.normalise for s in specs):
         norm_cache = {} if norm_cache is None else norm_cache
         if key[:3] not in norm_cache:
-            norm_cache[key[:3]] = data.cached_channel_stats(st, Location(cfg.storage) / "mapping", dataset=dataset,
-                                                            backbone=backbone, layer=layer).to_json()
+            norm_cache[key[:3]] = data.cached_channel_stats(st, dataset=dataset, backbone=backbone,
+                                                            layer=layer).to_json()
         norm = norm_cache[key[:3]]
     name = name or "--".join([cfg.mapping.study, *key, fingerprint[:8], *([f"part{part}"] if part is not None else [])])
     plan = GroupPlan(name, train, val, fingerprint)
+    inputs = features_inputs(cfg, pairs)
     for i, spec in enumerate(specs):
         run_norm = norm if spec.normalise else None
-        digest = run_digest(spec, training=training.model_dump(), loss_options=cfg.mapping.loss_options,
-                            num_workers=cfg.mapping.resources.num_workers, data=fingerprint, norm=run_norm)
+        provenance = base.Provenance(run_settings(cfg, spec, training), inputs)
+        digest = run_digest(provenance.settings, data=fingerprint, norm=run_norm)
         out_dir = out_dirs[i] if out_dirs else artefacts.run_dir(cfg, spec)
-        plan.runs.append(PlannedRun(spec, digest, training, run_norm, str(out_dir)))
+        plan.runs.append(PlannedRun(spec, digest, training, run_norm, str(out_dir), provenance))
     return plan
 
 
@@ -230,7 +247,7 @@ class _Recorder:
             final = {f"final_{k}": v for k, v in m.best.items()}
             final.update({f"baseline_{name}_{k}": v for name, scores in (group["baselines"] or {}).items()
                           for k, v in scores.items()})
-            with Location(run.out_dir).local_copy() as published:
+            with artefacts.published_version(run.out_dir).local_copy() as published:
                 tracking.finish_child_run(self.client, run.mlflow_run_id, final, published)
         else:
             self.client.set_tag(run.mlflow_run_id, "error", (m.error or "")[:5000])
@@ -243,7 +260,8 @@ class _Recorder:
                 "norm": run.norm, "history": m.history, "best": m.best, "best_epoch": m.best_epoch,
                 "resumed_at": m.resumed_at, "train_means": group["train_means"], "baselines": group["baselines"],
                 "training": run.training.model_dump(), "train_pairs": len(self.plan.train),
-                "val_pairs": len(self.plan.val), "data": self.plan.data, "mlflow_run_id": run.mlflow_run_id}
+                "val_pairs": len(self.plan.val), "data": self.plan.data, "mlflow_run_id": run.mlflow_run_id,
+                "provenance": run.provenance.to_json()}
         artefacts.publish(out_dir, m.best_model(), info)
 
 

@@ -18,10 +18,13 @@ import torch
 from featmap_ray import runtime
 from featmap_ray.config import Config
 from featmap_ray.evaluation import image_metrics
-from featmap_ray.featinv import data, metrics
+from featmap_ray.featinv import data, identity, metrics
 from featmap_ray.io import imageio, tables, tracking
+from featmap_ray.io.files import Location
+from featmap_ray.mapping.artefacts import read_info
 from featmap_ray.seeding import derive_seed
 from featmap_ray.stages import base
+from featmap_ray.stages.featinv_train import FEATINV_KEYS
 
 NAME = "recon-eval"
 RESULTS = "reconstructions"  # results/<study>/reconstructions.lance
@@ -52,14 +55,15 @@ def results_schema(lpips: bool) -> pa.Schema:
 
 
 class ReconEvaluator:
-    """Ray Data actor: (run, source) tasks -> rows of reconstructions and their scores (or failure rows)."""
+    """Ray Data actor: (run, source) tasks -> rows of reconstructions and their scores (or failure rows).
+    `controlnet`: the ControlNet as the driver resolved it (None: featinv.controlnet)."""
 
-    def __init__(self, cfg: Config, runs: dict[str, dict], schema: pa.Schema):
+    def __init__(self, cfg: Config, runs: dict[str, dict], schema: pa.Schema, controlnet: str | None = None):
         from featmap_ray.featinv import loading
 
         rc = cfg.evaluate.reconstruction
         self.device = runtime.actor_device(rc.num_gpus > 0)
-        self.pipe = loading.featinv_pipeline(cfg).to(self.device)
+        self.pipe = loading.featinv_pipeline(cfg, controlnet).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.judge = metrics.BackboneProbe(rc.judge, rc.judge_layer, self.device)
         self.lpips = image_metrics.lpips_metric(rc.lpips_weights) if rc.lpips_weights else None
@@ -195,22 +199,50 @@ def plan(cfg: Config) -> dict[str, dict]:
         runs[key] = {"run_dir": str(finished[key]), "pairs": pairs, "rows": rows, "manipulation": spec.manipulation,
                      "labels": {"dataset": spec.dataset, "backbone": spec.backbone, "layer": spec.layer,
                                 "group": spec.group, "model": spec.model}}
+    base.refuse_stale_runs(cfg.storage, [info["run_dir"] for info in runs.values()])
     if not runs:
         raise ValueError(f"study {cfg.mapping.study!r} has no finished run of {request.name}/{layer}, the (backbone, "
                          f"layer) the FeatInv model inverts: run `featmap fit` first, or set featinv.backbone/layer")
     return runs
 
 
+def groups(cfg: Config, runs: dict[str, dict], model: dict[str, str]) -> list[base.Group]:
+    """One group per run (its rows: run = key) and what makes them: the FeatInv model (`model`:
+    identity.model_identity) and sampler, the judge, LPIPS, the noise control, the run itself (a refit
+    is another model), and the features and images groups its pairs come from."""
+    from featmap_ray.stages.mapped import run_identity
+
+    rc, st = cfg.evaluate.reconstruction, tables.Store(cfg.storage)
+    lpips = rc.lpips_weights and f"{rc.lpips_weights} (content {identity.content_digest(rc.lpips_weights)})"
+    settings = {**model, **identity.sampler_settings(cfg), "featinv.sampling.seed": cfg.featinv.sampling.seed,
+                "evaluate.reconstruction.judge": rc.judge.model_dump(mode="json", exclude={"layers"}),
+                "evaluate.reconstruction.judge_layer": rc.judge_layer, "evaluate.reconstruction.lpips_weights": lpips,
+                "evaluate.reconstruction.noise_control": rc.noise_control, "evaluate.reconstruction.seed": rc.seed}
+    out = []
+    for key, info in runs.items():
+        read = [tables.ORIGINAL, info["manipulation"]]
+        inputs = {**base.input_fingerprints(cfg.storage, info["pairs"].uri, read),
+                  **base.input_fingerprints(cfg.storage, st.layout.images, read)}
+        run_dir = Location(info["run_dir"])
+        made = {**settings, "mapping run": run_identity(run_dir, read_info(run_dir))}
+        out.append(base.Group(key, base.Provenance(made, inputs), base.group_filter("run", key)))
+    return out
+
+
 def run(cfg: Config) -> base.StageSummary:
+    """Score what is missing of every planned run; rows another setting made refuse the run before anything
+    is written, or with `overwrite` are deleted and made again (`base.reconcile`)."""
     import ray.data
 
     from featmap_ray.stages.evaluate import results_uri
 
     rc = cfg.evaluate.reconstruction
     runs = plan(cfg)
-    schema = results_schema(rc.lpips_weights is not None)
+    pinned = identity.pinned_controlnet(cfg)
     uri = results_uri(cfg, RESULTS)
-    tables.check_schema(uri, schema)
+    target = tables.Target(uri, results_schema(rc.lpips_weights is not None), key=("run", "source_id"))
+    overwritten = base.reconcile(NAME, [(target, groups(cfg, runs, identity.model_identity(cfg, pinned)))],
+                                 overwrite=cfg.overwrite)
     done = set()
     if (table := tables.open_table(uri)) is not None:
         keys = table.to_table(columns=["run", "source_id"])
@@ -227,10 +259,51 @@ def run(cfg: Config) -> base.StageSummary:
     if tasks:
         ds = (ray.data.from_items(tasks, override_num_blocks=max(1, -(-len(tasks) // rc.batch_size)))
               .map_batches(ReconEvaluator, batch_size=rc.batch_size, batch_format="pyarrow",
-                           fn_constructor_args=(cfg, runs, schema),
+                           fn_constructor_args=(cfg, runs, target.schema, pinned),
                            compute=ray.data.ActorPoolStrategy(size=rc.num_actors), num_gpus=rc.num_gpus))
-    summary = base.write_stage(st, NAME, ds, [tables.Target(uri, schema, key=("run", "source_id"))],
-                                rows_per_commit=rc.rows_per_commit, skipped=total - len(tasks))
+    summary = base.write_stage(st, NAME, ds, [target], rows_per_commit=rc.rows_per_commit,
+                                skipped=total - len(tasks), overwritten=sum(m.rows for m in overwritten))
     tracking.end_stage_run(cfg, run_id, {"written": sum(summary.written.values()), "failed": summary.failed},
                            inputs=tracking.table_inputs(cfg, [uri]))
     return summary
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    """The study's reconstruction scores: missing, stale (another FeatInv model or setting, a refit run, changed
+    inputs), partial (a run's subset not all scored) or up to date."""
+    from featmap_ray.stages.evaluate import results_uri
+
+    uri = results_uri(cfg, RESULTS)
+    try:
+        runs = plan(cfg)
+    except (FileNotFoundError, ValueError) as e:  # no run to score yet, or stale runs
+        return [base.OutputStatus(NAME, uri, "missing" if tables.open_table(uri) is None else "stale",
+                                  str(e).splitlines()[0])]
+    expected = {key: len(info["rows"]) for key, info in runs.items()}
+    return [base.table_status(NAME, uri, groups(cfg, runs, identity.model_identity(cfg)), expected)]
+
+
+def check_judge(cfg: Config) -> None:
+    """The judge backbone (name, layer, weights), LPIPS's local weights, and the runs to evaluate: finished,
+    of the FeatInv model's (backbone, layer), with held-out pairs."""
+    from featmap_ray import backbones
+
+    rc = cfg.evaluate.reconstruction
+    spec = backbones.get_spec(rc.judge.name)
+    backbones.resolve_layers(spec, [rc.judge_layer])
+    backbones.check_weights(spec, rc.judge)
+    if rc.lpips_weights:
+        image_metrics.lpips_metric(rc.lpips_weights)
+    plan(cfg)
+
+
+STAGE = base.Stage(
+    "recon-eval", "mapping runs judged as images, through FeatInv reconstructions", run,
+    details="For each finished run of FeatInv's (backbone, layer), on a seeded subset of held-out sources: MSE, "
+            "SSIM, PSNR and the judge backbone's (masked) median cosine of each reconstruction against the "
+            "manipulated image and the true target's reconstruction, in <storage>/results/<study>/"
+            "reconstructions.lance; `featmap report` shows them.",
+    keys=(*base.RAY_KEYS, "evaluate.reconstruction", "evaluate.reconstruction.judge", "mapping.study",
+          *FEATINV_KEYS),
+    checks=(data.check_featinv, check_judge), reads=("runs", "features", "images", "featinv"),
+    writes=("results", "errors"), shows_runs_page=True)

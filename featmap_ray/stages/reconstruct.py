@@ -13,22 +13,23 @@ generator. Maps with the wrong shape or NaNs become rows of errors.lance; a re-r
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import json
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from featmap_ray import backbones, runtime
-from featmap_ray.config import BackboneRequest, Config
+from featmap_ray.config import Config
 from featmap_ray.cosine import median_cosine
-from featmap_ray.featinv import data, fid, metrics
+from featmap_ray.featinv import data, fid, identity, metrics
 from featmap_ray.io import imageio, tables, tracking
 from featmap_ray.stages import base
+from featmap_ray.stages.featinv_train import FEATINV_KEYS
 
 # diffusers (featinv.loading, featinv.model, featinv.pipeline) is imported where it is used: Ray Data
 # task workers that only run this module's light UDFs then start without it.
@@ -40,19 +41,15 @@ ROW_METRICS = ("cos_median_lower", "top1_match", "top5_match")
 GENERATOR_NAME = re.compile(r"^[A-Za-z0-9_.:/=+-]+$")
 
 
-class ReconstructionsMismatch(ValueError):
-    """A reconstructions table exists but was made with another FeatInv model or sampling setting."""
-
-
 # -- The Ray Data stage ------------------------------------------------------------------------
 
 def select_pending(batch: dict[str, np.ndarray], seeds: list[int], done: frozenset[tuple[str, str, int]],
-                   keep: frozenset[tuple[str, str]] | None) -> dict[str, np.ndarray]:
-    """Ray Data UDF: the feature maps (in `keep`, when given) with the seeds they are not stored with yet."""
+                   keep: frozenset[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Ray Data UDF: the feature maps of `keep` with the seeds they are not stored with yet."""
     rows, pending = [], []
     for i, key in enumerate(zip(batch["source_id"], batch["variant"], strict=True)):
         todo = [seed for seed in seeds if (*key, seed) not in done]
-        if todo and (keep is None or key in keep):
+        if todo and key in keep:
             rows.append(i)
             pending.append(todo)
     out = {k: batch[k][rows] for k in (*LABELS, "feature")}
@@ -188,10 +185,14 @@ def _seeds(cfg: Config) -> list[int]:
     return [s.seed + i for i in range(s.num_samples)]
 
 
-def _rows_filter(generator: str, seeds: Iterable[int]) -> str:
+def _generator_filter(generator: str) -> str:
     if not GENERATOR_NAME.match(generator):
         raise ValueError(f"generator {generator!r}: use letters, digits and _.:/=+- only")
-    return f"generator = '{generator}' AND seed IN ({', '.join(str(s) for s in seeds)})"
+    return base.group_filter("generator", generator)
+
+
+def _rows_filter(generator: str, seeds: Iterable[int]) -> str:
+    return f"{_generator_filter(generator)} AND seed IN ({', '.join(str(s) for s in seeds)})"
 
 
 def evaluate(cfg: Config, generator: str) -> ReconstructionMetrics:
@@ -237,28 +238,29 @@ class ReconstructReport(base.StageSummary):
         return super().__str__() + (f"\n{self.metrics}" if self.metrics else "")
 
 
-def made_with(cfg: Config, request: BackboneRequest, layer: str,
-              controlnet: tracking.ModelSource | None) -> dict[str, object]:
-    """What a reconstruction depends on besides its key: recorded in the table, checked on re-runs.
-    `controlnet`: where featinv.controlnet resolved to (None: a fresh ControlNet)."""
-    fi, s = cfg.featinv, cfg.featinv.sampling
-    return {"backbone": request.name, "layer": layer, "base_model": fi.base_model,
-            "controlnet": str(controlnet) if controlnet else f"fresh from the base UNet (pooled={fi.pooled})",
-            "steps": s.steps, "guidance": s.guidance, "prompt": s.prompt, "negative_prompt": s.negative_prompt,
-            "control_scale": s.control_scale}
+@dataclass(frozen=True)
+class Maps:
+    """The feature maps a run reconstructs: their (source_id, variant) `keys`, reconstructed as `generator`;
+    per variant, the groups of the features table its maps come from (`read`), and what else made them
+    (`made_by`: a mapping run, `mapped.run_identity`)."""
 
+    generator: str
+    keys: list[tuple[str, str]]
+    read: dict[str, list[str]]
+    made_by: dict[str, str] = field(default_factory=dict)
 
-def check_made_with(st: tables.Store, uri: str, meta: dict[str, object]) -> None:
-    """Refuse to add rows to a table whose rows came from another model or sampling setting."""
-    ds = st.open(uri)
-    if ds is None:
-        return
-    stored = json.loads((ds.schema.metadata or {}).get(b"featmap", b"{}"))
-    differs = {k: (stored.get(k), v) for k, v in meta.items() if stored.get(k) != v}
-    if differs:
-        lines = "\n".join(f"  {k}: table {old!r}, this run {new!r}" for k, (old, new) in differs.items())
-        raise ReconstructionsMismatch(f"{uri} holds reconstructions made with other settings:\n{lines}\n"
-                                      "Use another storage root, or delete the table to replace them.")
+    def groups(self, cfg: Config, model: dict[str, str]) -> list[base.Group]:
+        """The table's groups these maps make, one per (generator, variant), and what makes their rows: the
+        FeatInv model (`model`: identity.model_identity), the sampler, the backbone that scores them, the
+        features groups read and what else made the maps."""
+        request, layer = data.featinv_backbone(cfg)
+        features = tables.Store(cfg.storage).layout.features(request.name, layer)
+        settings = {**model, **identity.sampler_settings(cfg), **self.made_by,
+                    "featinv.backbone": request.model_dump(mode="json", exclude={"layers"}), "featinv.layer": layer}
+        return [base.Group(f"{self.generator}/{variant}",
+                           base.Provenance(settings, base.input_fingerprints(cfg.storage, features, sources)),
+                           f"{_generator_filter(self.generator)} AND {base.group_filter('variant', variant)}")
+                for variant, sources in sorted(self.read.items())]
 
 
 @contextlib.contextmanager
@@ -288,12 +290,13 @@ def _log(cfg: Config, report: ReconstructReport) -> None:
                             "failed": report.failed})
 
 
-def reconstruct_dataset(cfg: Config, ds, generator: str, *,
-                        keys: Iterable[tuple[str, str]] | None = None) -> ReconstructReport:
-    """Reconstruct every feature map of `ds` (columns source_id, variant, split, class_idx and a
-    (C, H, W) tensor `feature`) that the table lacks for `generator` and the configured seeds, then
-    evaluate all stored rows of the generator and log an MLflow run. `keys` restricts `ds` to those
-    (source_id, variant) keys (and makes the skipped count exact)."""
+def reconstruct_dataset(cfg: Config, ds, maps: Maps) -> ReconstructReport:
+    """Reconstruct the feature maps of `ds` (columns source_id, variant, split, class_idx and a (C, H, W)
+    tensor `feature`) of `maps.keys` that the table lacks for the generator and the configured seeds,
+    then evaluate all stored rows of the generator and log an MLflow run.
+
+    Rows of these keys' groups that other settings made refuse the run before anything is written, or
+    with `overwrite` are deleted and made again (`base.reconcile`)."""
     import ray.data
 
     request, layer = data.featinv_backbone(cfg)
@@ -301,44 +304,81 @@ def reconstruct_dataset(cfg: Config, ds, generator: str, *,
     st = tables.Store(cfg.storage)
     s = cfg.featinv.sampling
     uri = st.layout.reconstructions(request.name, layer)
-    # An unknown MLflow run or model version fails here, before any work.
-    controlnet = tracking.model_source(cfg, cfg.featinv.controlnet) if cfg.featinv.controlnet else None
-    meta = made_with(cfg, request, layer, controlnet)
-    check_made_with(st, uri, meta)
-    schema = tables.reconstructions_schema(meta)
-    seeds = _seeds(cfg)
+    pinned = identity.pinned_controlnet(cfg)
+    target = tables.Target(uri, tables.reconstructions_schema(), key=tables.RECONSTRUCTION_KEY)
+    overwritten = base.reconcile(NAME, [(target, maps.groups(cfg, identity.model_identity(cfg, pinned)))],
+                                 overwrite=cfg.overwrite)
+    generator, seeds = maps.generator, _seeds(cfg)
     done = frozenset((sid, variant, seed) for seed in seeds
                      for sid, variant in st.keys(uri, filter=_rows_filter(generator, [seed])))
-    keep = None if keys is None else frozenset(keys)
-    skipped = len(done) if keep is None else sum((sid, variant) in keep for sid, variant, _ in done)
+    keep = frozenset(maps.keys)
+    skipped = sum((sid, variant) in keep for sid, variant, _ in done)
     pipeline = None
-    if keep is None or len(keep) * len(seeds) > skipped:
+    if len(keep) * len(seeds) > skipped:
         pipeline = (
             ds.map_batches(select_pending, batch_size=s.batch_size, batch_format="numpy",
                            fn_kwargs={"seeds": seeds, "done": done, "keep": keep})
             .map_batches(Reconstructor, batch_size=s.batch_size, batch_format="numpy",
-                         fn_constructor_args=(cfg, generator, schema,
-                                              controlnet and (controlnet.registered or controlnet.uri)),
+                         fn_constructor_args=(cfg, generator, target.schema, pinned),
                          compute=ray.data.ActorPoolStrategy(size=s.num_actors), num_gpus=s.num_gpus)
         )
-    summary = base.write_stage(st, f"{NAME}:{generator}", pipeline,
-                                [tables.Target(uri, schema, key=tables.RECONSTRUCTION_KEY)],
-                                rows_per_commit=s.rows_per_commit, skipped=skipped)
+    summary = base.write_stage(st, f"{NAME}:{generator}", pipeline, [target], rows_per_commit=s.rows_per_commit,
+                                skipped=skipped, overwritten=sum(m.rows for m in overwritten))
     report = ReconstructReport(**summary.__dict__, metrics=evaluate(cfg, generator))
     _log(cfg, report)
     return report
 
 
-def run(cfg: Config) -> ReconstructReport:
-    """Reconstruct the selected maps of the features table (featinv.sampling.split / variants / limit)."""
+def select(cfg: Config) -> tuple[Maps, Callable[[], object]]:
+    """The maps the config selects (featinv.sampling.split / variants / limit): stored ones, or a mapping
+    run's mapped ones (featinv.sampling.mapping_run); and how to read them as a Ray Dataset."""
+    from featmap_ray.stages.mapped import mapped_features, mapped_pairs, run_identity
+
     request, layer = data.featinv_backbone(cfg)
     st = tables.Store(cfg.storage)
     s = cfg.featinv.sampling
+    if s.mapping_run is not None:
+        split = s.split or "test"
+        run_dir, info, pairs = mapped_pairs(cfg, s.mapping_run, split)
+        manipulation = info["spec"]["manipulation"]
+        maps = Maps(f"mapped:{s.mapping_run}", [(sid, manipulation) for sid in pairs.source_ids][: s.limit],
+                    {manipulation: [tables.ORIGINAL, manipulation]},  # the run maps the originals
+                    {"mapping run": run_identity(run_dir, info)})
+        return maps, lambda: mapped_features(run_dir, pairs, split)
     uri = st.layout.features(request.name, layer)
     where = data.selection(s.split, s.variants)
-    keys = sorted(st.keys(uri, filter=where))
+    keys = sorted(st.keys(uri, filter=where))[: s.limit]
     if not keys:
         raise FileNotFoundError(f"no feature maps in {uri}" + (f" where {where}" if where else "")
                                 + ": run `featmap extract` first (or check featinv.sampling.split / variants)")
-    ds = st.read_ray(uri, columns=[*LABELS, "feature"], filter=where)
-    return reconstruct_dataset(cfg, ds, EXTRACTED, keys=keys[: s.limit])
+    maps = Maps(EXTRACTED, keys, {variant: [variant] for variant in {v for _, v in keys}})
+    return maps, lambda: st.read_ray(uri, columns=[*LABELS, "feature"], filter=where)
+
+
+def run(cfg: Config) -> ReconstructReport:
+    """Reconstruct the maps the config selects (`select`)."""
+    maps, dataset = select(cfg)
+    return reconstruct_dataset(cfg, dataset(), maps)
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    """The reconstructions of the maps the config selects: missing, stale (another FeatInv model, sampler
+    setting or input), partial (keys × seeds not all stored) or up to date."""
+    request, layer = data.featinv_backbone(cfg)
+    uri = tables.Store(cfg.storage).layout.reconstructions(request.name, layer)
+    try:
+        maps, _ = select(cfg)
+    except (FileNotFoundError, ValueError) as e:  # nothing to reconstruct yet
+        return [base.OutputStatus(NAME, uri, "missing", str(e))]
+    per_variant = collections.Counter(variant for _, variant in maps.keys)
+    expected = {f"{maps.generator}/{variant}": n * cfg.featinv.sampling.num_samples
+                for variant, n in per_variant.items()}
+    return [base.table_status(NAME, uri, maps.groups(cfg, identity.model_identity(cfg)), expected)]
+
+
+STAGE = base.Stage(
+    "reconstruct", "feature maps -> FeatInv reconstructions, with metrics", run,
+    details="Samples images from the stored feature maps (or from a mapping run's mapped maps: "
+            "featinv.sampling.mapping_run) into reconstructions/<backbone>/<layer>.lance.",
+    keys=(*base.RAY_KEYS, *FEATINV_KEYS), checks=(data.check_featinv,), reads=("features", "featinv", "runs"),
+    writes=("reconstructions", "errors"), shows_runs_page=True)

@@ -1,5 +1,7 @@
 """`featmap report`: tables and PNG plots of what evaluate, analyze, recon-eval and featinv-viz wrote,
-in <storage>/reports/<study>/ (replaced as a whole) and in MLflow.
+in <storage>/reports/<study>/ (a new version of the folder, published as a whole: featmap_ray.io.files)
+and in MLflow. It refuses, before writing anything, when a results table it shows was computed from
+mapping runs that changed since (retrained, or stale: fitted on features that changed).
 """
 
 from __future__ import annotations
@@ -11,19 +13,24 @@ from featmap_ray.config import Config
 from featmap_ray.io import imageio, tables, tracking
 from featmap_ray.io.files import Location
 from featmap_ray.layout import Layout
-from featmap_ray.stages.evaluate import read_results, results_uri
+from featmap_ray.stages import analyze, base
+from featmap_ray.stages.evaluate import read_results, results_staleness, results_uri
+
+# The results tables of mapping runs the report shows (each records the runs it was computed from).
+REPORTED = ("evaluations", *analyze.TABLES)
 
 
 def run_report(cfg: Config) -> Location:
-    """report.md and its figures in <storage>/reports/<study>/ (replaced as a whole) and in MLflow."""
+    """report.md and its figures as a new version of <storage>/reports/<study>/ and in MLflow; returns the
+    published report.md."""
+    check_evaluations(cfg)
     target = Layout(cfg.storage).reports(cfg.mapping.study)
-    with target.staged() as out:
+    with target.publish() as out:
         n_figures = write_report(cfg, out)
-        results = [results_uri(cfg, name) for name in ("evaluations", "svd", "singular_values", "weight_bias",
-                                                        "truncation")]
+        results = [results_uri(cfg, name) for name in REPORTED]
         run_id = tracking.study_stage_run(cfg, "report", tracking.table_inputs(cfg, results), context="evaluation")
         tracking.end_stage_run(cfg, run_id, {"figures": n_figures}, artefacts=out)
-    return target / "report.md"
+    return target.current() / "report.md"
 
 
 def write_report(cfg: Config, out: Path) -> int:
@@ -65,8 +72,8 @@ def _featinv_viz_figures(cfg: Config, out: Path) -> dict[str, list[Path]]:
     its grids as figures; nothing when the command has not run."""
     from featmap_ray.stages.featinv_viz import output_dir
 
-    viz = output_dir(cfg)
-    if not (viz / "results.json").exists():
+    viz = output_dir(cfg).current()
+    if viz is None:
         return {}
     with viz.local_copy() as local:
         shutil.copytree(local, out / "featinv_viz")
@@ -78,3 +85,47 @@ def _featinv_viz_figures(cfg: Config, out: Path) -> dict[str, list[Path]]:
             [base / "interpolation" / "strip.png", base / "interpolation" / "alpha_curve.png"],
         "FeatInv-Viz: spatial composition (B's region in A's map)": [base / "composition" / "grid.png"],
     }
+
+
+def stale_results(cfg: Config) -> dict[str, list[str]]:
+    """{results table: why} of the tables the report shows that were computed from mapping runs that
+    changed since (`evaluate.results_staleness`)."""
+    return {name: reasons for name in REPORTED if (reasons := results_staleness(cfg, name))}
+
+
+def check_evaluations(cfg: Config) -> None:
+    """`featmap evaluate` has written this study's evaluations, and no results table the report shows was
+    computed from runs that changed since: else an error naming them, before anything is written."""
+    read_results(cfg, "evaluations")
+    stale = stale_results(cfg)
+    if stale:
+        lines = ["the results were computed from mapping runs that changed since; no report was written:"]
+        lines += [f"  {results_uri(cfg, name)}: {'; '.join(reasons[:3])}"
+                  + (f" and {len(reasons) - 3} more" if len(reasons) > 3 else "") for name, reasons in stale.items()]
+        lines.append("Run `featmap fit` (it retrains the runs whose input features changed), then `featmap evaluate` "
+                     "and `featmap analyze` again.")
+        raise ValueError("\n".join(lines))
+
+
+def status(cfg: Config) -> list[base.OutputStatus]:
+    """The report folder, for `featmap status`: missing, stale (a results table it shows was computed from
+    runs that changed since) or up to date (as far as the results it shows go)."""
+    target = Layout(cfg.storage).reports(cfg.mapping.study)
+    if target.current() is None:
+        return [base.OutputStatus("report", str(target), "missing")]
+    stale = stale_results(cfg)
+    if stale:
+        name, reasons = next(iter(stale.items()))
+        return [base.OutputStatus("report", str(target), "stale", f"{name} computed from runs that changed: {reasons[0]}")]
+    return [base.OutputStatus("report", str(target), "up to date")]
+
+
+def command(cfg: Config) -> str:
+    return f"[report] {run_report(cfg)}"
+
+
+STAGE = base.Stage(
+    "report", "tables and PNG plots in <storage>/reports/<study>/ and MLflow", command,
+    details="Reads what evaluate (and analyze, recon-eval, featinv-viz) wrote: run `featmap evaluate` first.",
+    keys=(*base.RAY_KEYS, "mapping.study"), checks=(check_evaluations,), reads=("results",), writes=("reports",),
+    shows_runs_page=True)

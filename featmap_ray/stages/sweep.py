@@ -16,7 +16,9 @@ from featmap_ray.config import Config, MappingTraining
 from featmap_ray.io import tables, tracking
 from featmap_ray.io.files import Location
 from featmap_ray.mapping import artefacts, grid
+from featmap_ray.stages import base
 from featmap_ray.stages import mapping_train as train
+from featmap_ray.stages.fit import FIT_KEYS
 
 DOMAINS = ("loguniform", "uniform", "choice", "randint", "grid")
 
@@ -157,3 +159,22 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     tracking.end_stage_run(cfg, parent, {"best_val_loss": summary["best_val_loss"], "trials": len(results),
                                          "errors": results.num_errors})
     return summary
+
+
+def check_space(cfg: Config) -> None:
+    """mapping.sweep's search space is valid for its model family (no tables read)."""
+    search_space(cfg, base_spec(cfg))
+
+
+def command(cfg: Config) -> str:
+    import json
+
+    return json.dumps(run_sweep(cfg), indent=1, default=str)
+
+
+STAGE = base.Stage(
+    "sweep", "Ray Tune + ASHA over one model family's hyper-parameters", command,
+    details="Tunes mapping.sweep.model on one (backbone, layer, manipulation); the best trial's model goes to "
+            "<storage>/mapping/sweeps/<study>/best.",
+    keys=(*base.RAY_KEYS, *FIT_KEYS, "mapping.sweep"), checks=(check_space,), reads=("features",),
+    writes=("sweeps",), shows_runs_page=True)
