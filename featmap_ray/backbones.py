@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featmap_ray import seeding
 from featmap_ray.config import BackboneRequest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -144,10 +145,11 @@ def check_weights(spec: BackboneSpec, req: BackboneRequest) -> None:
 
 
 def build_model(spec: BackboneSpec, req: BackboneRequest, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The backbone in eval mode; random weights seeded by `init_seed` when not pretrained."""
-    if not req.pretrained:
-        torch.manual_seed(req.init_seed)
-    return _create(spec, req, req.pretrained).eval().to(device)
+    """The backbone in eval mode; random weights seeded by `init_seed` when not pretrained (the
+    caller's random state is left as it was)."""
+    with seeding.seeded_torch(req.init_seed):
+        model = _create(spec, req, req.pretrained)
+    return model.eval().to(device)
 
 
 def forward_taps(model: torch.nn.Module, spec: BackboneSpec, layers: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:

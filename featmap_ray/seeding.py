@@ -6,9 +6,23 @@ items are processed in or the number of workers, so a result does not depend on 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import Any
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """torch's global CPU generator seeded with `seed` inside the block, to build a model's initial
+    weights on the CPU from the seed alone; after it the caller's random state, CPU and CUDA, is as
+    it was (only the CPU generator is seeded: `torch.manual_seed` would also reseed every GPU's)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def derive_seed(*parts: str | int) -> int:

@@ -282,8 +282,8 @@ def studied(edited, tmp_path_factory):
     geometric linear run -> evaluate -> analyze -> recon-eval (a tiny FeatInv whose ControlNet is moved off
     its zero initialisation, so the maps steer the samples) -> report."""
     from featmap_ray.featinv import loading
+    from featmap_ray.stages import analyze, extract, fit, recon_eval, report
     from featmap_ray.stages import evaluate as stages
-    from featmap_ray.stages import extract, fit, recon_eval
     from featmap_ray.stages import manipulate as stage
 
     cfg = edited.cfg
@@ -303,7 +303,7 @@ def studied(edited, tmp_path_factory):
     stage.run(cfg)
     extract.run(cfg)
     summary = fit.run_study(cfg)
-    evals, frames = stages.run_evaluate(cfg), stages.run_analyze(cfg)
+    evals, frames = stages.run_evaluate(cfg), analyze.run_analyze(cfg)
 
     folder = tmp_path_factory.mktemp("controlnet") / "controlnet"
     controlnet = loading.featinv_pipeline(cfg).controlnet
@@ -316,7 +316,7 @@ def studied(edited, tmp_path_factory):
     partial = recon_eval.run(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
         "reconstruction": cfg.evaluate.reconstruction.model_copy(update={"subset_size": 1})})}))
     recon = recon_eval.run(cfg)
-    return cfg, summary, evals, frames, (partial, recon), stages.run_report(cfg)
+    return cfg, summary, evals, frames, (partial, recon), report.run_report(cfg)
 
 
 @pytest.mark.slow

@@ -155,7 +155,7 @@ def _fit_in_this_process(cfg, storage_path):
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(train.train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
-                           datasets={"train": train.training_dataset(cfg)},
+                           datasets={"train": train.training_dataset(cfg)}, dataset_config=train.ingest_config(),
                            scaling_config=ray.train.ScalingConfig(num_workers=0),
                            run_config=ray.train.RunConfig(name=cfg.featinv.training.run_name,
                                                           storage_path=str(storage_path)))
@@ -181,6 +181,39 @@ def test_training_encodes_the_training_prompt_and_the_sample_grid_the_sampling_p
     _fit_in_this_process(cfg, tmp_path)
     # The training text and the dropped-out text "", then the grid's conditional and unconditional texts.
     assert encoded == [[TRAINING_PROMPT, ""], [cfg.featinv.sampling.prompt], [cfg.featinv.sampling.negative_prompt]]
+
+
+def test_a_resumed_run_trains_on_the_batches_an_uninterrupted_run_trains_on(ingested, tmp_path, monkeypatch):
+    """6 rows in batches of 2: 3 steps an epoch. Resumed from the checkpoint of step 2, steps 3-5 (the
+    rest of epoch 0, then epoch 1) see what the uninterrupted run saw at steps 3-5."""
+    import ray.train
+
+    seen, checkpoints = [], {}
+    loss, report = train.diffusion_loss, ray.train.report
+
+    def recording(pipe, controlnet, pixels, *args):
+        seen.append(pixels.cpu().clone())
+        return loss(pipe, controlnet, pixels, *args)
+
+    def keeping(metrics, checkpoint=None, **kwargs):  # every checkpoint, not only the last
+        if checkpoint is not None:
+            kept = checkpoint.to_directory(str(tmp_path / f"step_{metrics['step']}"))
+            checkpoints[metrics["step"]] = ray.train.Checkpoint.from_directory(kept)
+        return report(metrics, checkpoint=checkpoint, **kwargs)
+
+    monkeypatch.setattr(train, "diffusion_loss", recording)
+    monkeypatch.setattr(ray.train, "report", keeping)
+    cfg = _config(ingested.storage, ingested.dataset.root, max_steps=5, checkpoint_every=2, sample_every=100,
+                  run_name="order", features_source="table")
+    _fit_in_this_process(cfg, tmp_path / "straight")
+    uninterrupted = list(seen)
+    assert len(uninterrupted) == 5 and not torch.equal(uninterrupted[0], uninterrupted[2])
+    seen.clear()
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoints[2])  # what Ray Train hands a restarted run
+    _fit_in_this_process(cfg, tmp_path / "resumed")
+    assert len(seen) == 3
+    for step, (resumed, expected) in enumerate(zip(seen, uninterrupted[2:], strict=True), 3):
+        assert torch.equal(resumed, expected), f"step {step}: another batch than the uninterrupted run's"
 
 
 def test_a_non_finite_loss_stops_training_and_names_the_step(ingested, tmp_path):

@@ -221,6 +221,14 @@ def test_featinv_viz_command_writes_the_experiments(viz_setup, capsys):
     folder = Location(cfg.storage + "/results/study/featinv_viz").current().uri  # the published version
     results = json.loads(open(f"{folder}/results.json").read())
     shown, seeds = results["shown"], results["seeds"]
+    # What made them: the viz settings, and the features and images groups read, as those stages recorded them.
+    made = results["provenance"]
+    assert made["settings"]["featinv.viz.num_seeds"] == 2 and made["settings"]["featinv.sampling.steps"] == 2
+    st = tables.Store(cfg.storage)
+    assert made["inputs"] == {
+        "features/convnext_base/stage3#original":
+            tables.read_provenance(st.layout.features("convnext_base", "stage3"))["original"]["fingerprint"],
+        "images#original": tables.read_provenance(st.layout.images)["original"]["fingerprint"]}
     assert seeds == [100, 101] and len(shown) == 2 and results["composition"]["region"] == [2, 7, 2, 7]
     for sid in shown:
         for name in ["source", *(f"recon_seed{s}" for s in seeds), *(f"concept{k}_{kind}" for k in (0, 1)
@@ -235,7 +243,6 @@ def test_featinv_viz_command_writes_the_experiments(viz_setup, capsys):
     interp = pd.read_csv(f"{folder}/interpolation.csv")
     assert sorted(set(interp["alpha"])) == [0, 0.5, 1] and len(interp) == 6
     b = results["composition"]["b"]
-    st = tables.Store(cfg.storage)
     phi_b = tables.tensor_numpy(st.rows(st.layout.features("convnext_base", "stage3"), [(b, "original")],
                                        ["feature"])["feature"]).astype(np.float32)
     image = np.array(Image.open(f"{folder}/interpolation/alpha1_seed100.png"))

@@ -18,7 +18,15 @@ from featmap_ray.featinv import identity, loading
 from featmap_ray.io import tables, tracking
 from featmap_ray.mapping import artefacts
 from featmap_ray.mapping.grid import RunSpec
-from featmap_ray.stages import base, extract, featinv_train, ingest, manipulate, recon_eval, reconstruct
+from featmap_ray.stages import (
+    base,
+    extract,
+    featinv_train,
+    ingest,
+    manipulate,
+    recon_eval,
+    reconstruct,
+)
 from tests.conftest import make_config, tiny_backbone, write_image
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -79,6 +87,10 @@ def test_reconstruct_resumes_same_settings_and_refuses_others_before_writing(sto
     assert lance.dataset(uri).version == version  # nothing written, not even the provenance
     [state] = reconstruct.status(store)
     assert state.state == "up to date", state
+    # The features group each group's maps came from, as extract recorded it.
+    features = tables.read_provenance(tables.Store(store.storage).layout.features("convnext_base", "stage3"))
+    assert tables.read_provenance(uri)["extracted/rotation_90"]["inputs"] == {
+        "features/convnext_base/stage3#rotation_90": features["rotation_90"]["fingerprint"]}
 
     config = _config_file(store, tmp_path / "c.yaml")
     assert cli.main(["reconstruct", "--config", config, "featinv.sampling.steps=3"]) == 1
@@ -179,7 +191,8 @@ def test_recon_eval_groups_per_run_refuse_a_changed_model_and_a_refit_run(store,
     assert again.overwritten == 2 and sum(again.written.values()) == 2 and again.skipped == 2
     now = _scores(store)
     assert {k: v for k, v in now.items() if k[0] == run_a} == {k: v for k, v in scored.items() if k[0] == run_a}
-    assert all(now[k]["recon_mapped"] != scored[k]["recon_mapped"] for k in now if k[0] == run_b)
+    # Run b's rows were scored again, with its new model: the mapped maps moved by other amounts.
+    assert all(now[k]["change_norm"] != pytest.approx(scored[k]["change_norm"], rel=1e-3) for k in now if k[0] == run_b)
 
 
 # -- featinv-train ------------------------------------------------------------------------------------

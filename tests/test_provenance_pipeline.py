@@ -6,8 +6,10 @@ makes exactly its features stale. The same refuse / overwrite on an S3 bucket (m
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -18,14 +20,12 @@ import numpy as np
 import pytest
 import yaml
 
-from featmap_ray import cli
-from featmap_ray.config import Config, EditConfig, load_config
+from featmap_ray import backbones, cli, pretrained
+from featmap_ray.config import BackboneRequest, Config, EditConfig, load_config
 from featmap_ray.io import imageio, tables
 from featmap_ray.seeding import derive_seed
 from featmap_ray.stages import edit, extract, ingest, manipulate
 from tests.conftest import make_config, tiny_backbone, write_image
-
-pytestmark = pytest.mark.usefixtures("ray_session")
 
 N_ORIGINALS = 6  # 2 classes x (2 train + 1 test)
 VARIANTS = (tables.ORIGINAL, "rotation_90", "noise_40")
@@ -113,7 +113,7 @@ class Stores:
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, ray_session, single_torch_thread) -> Stores:
+def stores(tmp_path_factory, ray_session, single_torch_thread) -> Stores:  # every test that runs a stage uses it
     tmp = tmp_path_factory.mktemp("provenance")
     seed = 0
     for cls in ("a_cls", "b_cls"):
@@ -364,3 +364,35 @@ def test_edit_resumes_refuses_other_steps_and_overwrites(stores, tmp_path):
         assert {k: v for k, v in got[key].items() if k != "image"} == {k: v for k, v in want[key].items() if k != "image"}
         assert json.loads(got[key]["params"])["num_inference_steps"] == 3
     assert [s.state for s in edit.status(cfg3)] == ["up to date"]
+
+
+# -- weights identities ---------------------------------------------------------------------------------
+
+def test_a_checkpoint_is_recorded_by_a_hash_of_its_content(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"first weights")
+    request = BackboneRequest(name="convnext_base", checkpoint=str(path))
+    spec = backbones.get_spec("convnext_base")
+    first = extract.weights_source(request, spec)
+    assert first == {"weights": "checkpoint", "checkpoint": str(path),
+                     "checkpoint_sha256": hashlib.sha256(b"first weights").hexdigest()}
+    path.write_bytes(b"other weights")  # the same path, other weights: another source
+    assert extract.weights_source(request, spec)["checkpoint_sha256"] == hashlib.sha256(b"other weights").hexdigest()
+    assert extract.weights_source(BackboneRequest(name="convnext_base", pretrained=False, init_seed=3), spec) == {
+        "weights": "random", "init_seed": 3}
+
+
+def test_a_model_folder_is_told_apart_by_its_hub_revision_or_its_files(tmp_path):
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen-Image-Edit-2511" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert pretrained.weights_identity(snapshot) == "Qwen/Qwen-Image-Edit-2511@0123abcd"
+
+    folder = tmp_path / "editor"
+    (folder / "transformer").mkdir(parents=True)
+    weights = folder / "transformer" / "model.safetensors"
+    weights.write_bytes(b"1234")
+    first = pretrained.weights_identity(folder)
+    assert first.startswith(str(folder.resolve())) and pretrained.weights_identity(folder) == first
+    weights.write_bytes(b"5678")  # replaced: same size, a later modification time
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    assert pretrained.weights_identity(folder) != first

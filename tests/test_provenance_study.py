@@ -9,6 +9,7 @@ order: the same settings again, another learning rate, then features made by oth
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -127,7 +128,9 @@ def test_another_training_setting_refuses_before_anything_then_overwrite_retrain
 
 def test_features_made_by_other_settings_make_their_runs_stale_until_fit_retrains_them(study):
     cfg = study["cfg"]
-    evaluate.run_evaluate(cfg)
+    # Results computed from the runs as they are now (evaluate's own recording is checked at the end).
+    digests = {d.name: artefacts.read_info(d)["digest"] for d in artefacts.finished_runs(cfg)}
+    evaluate.write_results(cfg, "evaluations", pd.DataFrame({"run": sorted(digests), "cos_median_upper": 1.0}), digests)
     assert report.stale_results(cfg) == {}
     before = published(cfg)
     [rotation] = [key for key in before if "rotation_90" in key]

@@ -175,7 +175,8 @@ def test_find_experiment_id_asks_a_tracking_server_without_creating_anything(mlf
     cfg = _cfg(tmp_path, tracking_uri=url, experiment="looked_up")
     assert tracking.find_experiment_id(cfg) is None
     assert MlflowClient(url).get_experiment_by_name("looked_up") is None  # looking created nothing
-    assert tracking.find_experiment_id(cfg) == tracking.experiment_id(cfg)
+    exp_id = tracking.experiment_id(cfg)
+    assert tracking.find_experiment_id(cfg) == exp_id
 
 
 def test_stage_runs_log_through_a_tracking_server(mlflow_server, tmp_path):

@@ -16,12 +16,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from featmap_ray import backbones, pretrained
+from featmap_ray import backbones, pretrained, seeding
 from featmap_ray.config import Config
 from featmap_ray.featinv.data import featinv_backbone
 from featmap_ray.featinv.model import FeatInvControlNetModel, ddim_scheduler
@@ -112,8 +111,7 @@ def random_base_components(*, unet: dict, vae: dict, text_encoder: dict, seed: i
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id, **text_encoder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeding.seeded_torch(seed):
         models = AutoencoderKL(**vae), CLIPTextModel(text_config), UNet2DConditionModel(**unet)
     for model in models:
         model.eval()
@@ -176,8 +174,7 @@ def featinv_pipeline(cfg: Config, controlnet: str | None = None) -> FeatInvPipel
         pipe.source = source
         return pipe
     channels, height, width = backbones.feature_shapes(backbones.get_spec(request.name), request, [layer])[layer]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.featinv.training.seed)
+    with seeding.seeded_torch(cfg.featinv.training.seed):
         return build_featinv(base, feature_channels=channels, pooled=fi.pooled, backbone=request.name, layer=layer,
                              feature_height=height, feature_width=width,
                              encoder_hidden_channels=fi.encoder_hidden_channels)

@@ -39,6 +39,13 @@ class OpSpec:
 OPS: dict[str, OpSpec] = {}
 
 
+def _name_part(param: Any) -> str:
+    """A param as part of a variant name; a whole float as the integer it equals (90.0 -> "90"), so one
+    value names one variant however the config spells it (the mapping side finds a rotation's exact
+    spatial transform by its name, `rotation_90`)."""
+    return str(int(param)) if isinstance(param, float) and param.is_integer() else str(param)
+
+
 def register(
     name: str,
     family: Family,
@@ -48,7 +55,7 @@ def register(
 ) -> Callable[[OpFn], OpFn]:
     """Decorator adding an op to `OPS`.
 
-    `name_for(param, index)` gives the variant name (default `<name>_<param>`);
+    `name_for(param, index)` gives the variant name (default `<name>_<param>`, see `_name_part`);
     `validate(param)` raises ValueError with a reason when the param is unusable.
     """
     if family not in get_args(Family):
@@ -61,7 +68,7 @@ def register(
             fn=fn,
             family=family,
             random=random,
-            name_for=name_for or (lambda param, index: f"{name}_{param}"),
+            name_for=name_for or (lambda param, index: f"{name}_{_name_part(param)}"),
             validate=validate or (lambda param: None),
         )
         return fn

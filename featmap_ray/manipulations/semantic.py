@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featmap_ray import pretrained
+from featmap_ray import pretrained, seeding
 from featmap_ray.config import EditConfig
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-Edit-2511"
@@ -140,8 +140,7 @@ def tiny_pipeline(pipeline_class: str = TINY_PIPELINE, seed: int = 0):
         hidden_size=16, vocab_size=len(tokenizer), image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeding.seeded_torch(seed):
         transformer = diffusers.QwenImageTransformer2DModel(
             patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
             joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
@@ -174,9 +173,13 @@ def load_pipeline(edit: EditConfig, device: str = "cpu"):
         if not placement:
             pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-    if edit.vae_tiling and hasattr(pipe.vae, "enable_tiling"):
-        pipe.vae.enable_slicing()
-        pipe.vae.enable_tiling()
+    if edit.vae_tiling:
+        # Each where the VAE has it: diffusers' AutoencoderMixin defines both but raises
+        # NotImplementedError for a VAE without that mode, and a VAE outside it may lack either.
+        for method in ("enable_slicing", "enable_tiling"):
+            if (enable := getattr(pipe.vae, method, None)) is not None:
+                with contextlib.suppress(NotImplementedError):
+                    enable()
     return pipe
 
 

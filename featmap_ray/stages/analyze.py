@@ -108,28 +108,29 @@ def run_analyze(cfg: Config) -> dict[str, pd.DataFrame]:
     base.refuse_stale_runs(cfg.storage, runs)
     digests = {d.name: read_info(d)["digest"] for d in runs}  # a run's folder is named by its key
     st = tables.Store(cfg.storage)
-    run_id = tracking.study_stage_run(cfg, "analyze", [tracking.table_input(cfg, st.layout.images)], context="evaluation")
-    task = ray.remote(_analyze_run).options(num_cpus=1)
-    parts = ray.get([task.remote(cfg, str(d)) for d in runs])
-    parts_by_table: dict[str, list] = defaultdict(list)
-    for part in parts:
-        for name, rows in part.items():
-            parts_by_table[name] += rows
-    if not parts_by_table:
-        message = (f"study {cfg.mapping.study!r} has no finished linear, ridge or orthogonal_procrustes runs "
-                   "to analyse")
-        tracking.end_stage_run(cfg, run_id, {"runs": 0}, status="FAILED", error=message)
-        raise ValueError(message)
-    families = _families(cfg)
-    frames = {}
-    for name, rows in parts_by_table.items():
-        frame = pd.DataFrame(rows)
-        frame["family"] = frame["manipulation"].map(families).fillna("unknown")
-        write_results(cfg, name, frame, digests)
-        frames[name] = frame
-    svd = frames["svd"]  # one row per analysed run; the features tables its tasks read
-    features = sorted({st.layout.features(b, l) for b, l in zip(svd["backbone"], svd["layer"], strict=True)})
-    tracking.end_stage_run(cfg, run_id, {"runs": len(svd)}, inputs=tracking.table_inputs(cfg, features))
+    with tracking.study_stage(cfg, "analyze", [tracking.table_input(cfg, st.layout.images)],
+                              context="evaluation") as run_id:
+        task = ray.remote(_analyze_run).options(num_cpus=1)
+        parts = ray.get([task.remote(cfg, str(d)) for d in runs])
+        parts_by_table: dict[str, list] = defaultdict(list)
+        for part in parts:
+            for name, rows in part.items():
+                parts_by_table[name] += rows
+        if not parts_by_table:
+            message = (f"study {cfg.mapping.study!r} has no finished linear, ridge or orthogonal_procrustes runs "
+                       "to analyse")
+            tracking.end_stage_run(cfg, run_id, {"runs": 0}, status="FAILED", error=message)
+            raise ValueError(message)
+        families = _families(cfg)
+        frames = {}
+        for name, rows in parts_by_table.items():
+            frame = pd.DataFrame(rows)
+            frame["family"] = frame["manipulation"].map(families).fillna("unknown")
+            write_results(cfg, name, frame, digests)
+            frames[name] = frame
+        svd = frames["svd"]  # one row per analysed run; the features tables its tasks read
+        features = sorted({st.layout.features(b, l) for b, l in zip(svd["backbone"], svd["layer"], strict=True)})
+        tracking.end_stage_run(cfg, run_id, {"runs": len(svd)}, inputs=tracking.table_inputs(cfg, features))
     return frames
 
 
@@ -145,4 +146,4 @@ def command(cfg: Config) -> str:
 STAGE = base.Stage(
     "analyze", "linear maps of the study: weight vs bias, SVD, rank-k truncations", command,
     keys=(*base.RAY_KEYS, "evaluate", "mapping.study"), checks=(check_grid, check_runs), reads=("runs", "features"),
-    writes=("results",), shows_runs_page=True)
+    writes=("results",), shows_runs_page=True, status=status)

@@ -36,6 +36,7 @@ from ray.data.block import BlockAccessor
 from featmap_ray import seeding
 from featmap_ray.config import Config
 from featmap_ray.io import tables
+from featmap_ray.layout import Layout
 from featmap_ray.io.files import Location
 
 # The commands, in the order `featmap --help` lists them; each is the module `stages/<name>.py`
@@ -119,8 +120,7 @@ class Mismatch:
 def input_key(root: str, uri: str, group: str) -> str:
     """How a Provenance names an input group: "<table path under the root>#<group>" (e.g.
     "images#rotation_90", "features/convnext_tiny/stages.2#original"), the same wherever the root is."""
-    path = uri.removeprefix(root.rstrip("/") + "/").removesuffix(".lance")
-    return f"{path}#{group}"
+    return f"{Layout(root).name(uri)}#{group}"
 
 
 def current_fingerprints(root: str, uri: str) -> dict[str, str]:

@@ -188,9 +188,11 @@ def run(cfg: Config) -> base.StageSummary:
 
 def status(cfg: Config) -> list[base.OutputStatus]:
     """The semantic variants against this config (none when no dataset of the table has prompts)."""
+    if not any(cfg.edit.prompts.values()):
+        return []
     st = tables.Store(cfg.storage)
     if st.open(st.layout.images) is None:
-        return [base.table_status(NAME, st.layout.images, [])] if any(cfg.edit.prompts.values()) else []
+        return [base.table_status(NAME, st.layout.images, [])]
     planned = plan_edits(cfg, st, semantic.check(cfg.edit))
     return [base.table_status(NAME, st.layout.images, planned.groups, planned.expected())] if planned.plans else []
 
@@ -218,4 +220,4 @@ STAGE = base.Stage(
             "dataset, on an actor pool of diffusers image-editing pipelines (one per actor); the edits are variants "
             "<prefix>:<name>:<repeat> of family semantic. A re-run adds only what is missing.",
     keys=(*base.RAY_KEYS, "edit", "edit.prompts"), checks=(base.check_images, check_prompts), reads=("images",),
-    writes=("images", "errors"), epilogue=base.describe_tables)
+    writes=("images", "errors"), epilogue=base.describe_tables, status=status)

@@ -239,27 +239,27 @@ def run_evaluate(cfg: Config) -> pd.DataFrame:
     if not groups:
         raise ValueError(f"study {cfg.mapping.study!r} has no finished mapping runs: run `featmap fit` first")
     features = sorted({tables.Store(cfg.storage).layout.features(b, l) for _, b, l, _ in groups})
-    run_id = tracking.study_stage_run(cfg, "evaluate", tracking.table_inputs(cfg, features), context="evaluation")
-    task = ray.remote(_evaluate_group).options(num_cpus=1, num_gpus=cfg.mapping.resources.gpus_per_worker)
-    refs = {g: task.remote(cfg, g, dirs) for g, dirs in sorted(groups.items())}
-    rows, failed = [], {}
-    for g, ref in refs.items():
-        try:
-            rows += ray.get(ref)
-        except Exception as e:  # one unusable group (e.g. no test pairs) does not stop the others
-            failed["/".join(g)] = str(e).strip().splitlines()[-1]
-    for g, msg in failed.items():
-        log.error("evaluate %s failed: %s", g, msg)
-    if not rows:
-        message = f"evaluation produced no results; failures: {failed}"
-        tracking.end_stage_run(cfg, run_id, {"groups": len(groups), "failed_groups": len(failed)}, status="FAILED",
-                               error=message)
-        raise ValueError(message)
-    frame = pd.DataFrame(rows)
-    frame["family"] = frame["manipulation"].map(_families(cfg)).fillna("unknown")
-    write_results(cfg, "evaluations", frame, digests)
-    _log_run_metrics(cfg, frame)
-    tracking.end_stage_run(cfg, run_id, {"rows": len(frame), "groups": len(groups), "failed_groups": len(failed)})
+    with tracking.study_stage(cfg, "evaluate", tracking.table_inputs(cfg, features), context="evaluation") as run_id:
+        task = ray.remote(_evaluate_group).options(num_cpus=1, num_gpus=cfg.mapping.resources.gpus_per_worker)
+        refs = {g: task.remote(cfg, g, dirs) for g, dirs in sorted(groups.items())}
+        rows, failed = [], {}
+        for g, ref in refs.items():
+            try:
+                rows += ray.get(ref)
+            except Exception as e:  # one unusable group (e.g. no test pairs) does not stop the others
+                failed["/".join(g)] = str(e).strip().splitlines()[-1]
+        for g, msg in failed.items():
+            log.error("evaluate %s failed: %s", g, msg)
+        if not rows:
+            message = f"evaluation produced no results; failures: {failed}"
+            tracking.end_stage_run(cfg, run_id, {"groups": len(groups), "failed_groups": len(failed)}, status="FAILED",
+                                   error=message)
+            raise ValueError(message)
+        frame = pd.DataFrame(rows)
+        frame["family"] = frame["manipulation"].map(_families(cfg)).fillna("unknown")
+        write_results(cfg, "evaluations", frame, digests)
+        _log_run_metrics(cfg, frame)
+        tracking.end_stage_run(cfg, run_id, {"rows": len(frame), "groups": len(groups), "failed_groups": len(failed)})
     return frame
 
 
@@ -305,4 +305,4 @@ STAGE = base.Stage(
     details="Feature metrics and classifier agreement of each run of the study, plus the identity and "
             "spatial-only baselines, in <storage>/results/<study>/evaluations.",
     keys=(*base.RAY_KEYS, *EVALUATE_KEYS), checks=(check_grid, check_runs), reads=("runs", "features"),
-    writes=("results",), shows_runs_page=True)
+    writes=("results",), shows_runs_page=True, status=status)

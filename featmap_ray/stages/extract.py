@@ -227,4 +227,4 @@ STAGE = base.Stage(
     details="Runs every extract.backbones entry over every image (originals and variants) in a Ray Data actor pool "
             "and stores the requested layers.",
     keys=(*base.RAY_KEYS, "extract", "extract.backbones"), checks=(check_backbones, base.check_images), reads=("images",),
-    writes=("features", "errors"), epilogue=base.describe_tables)
+    writes=("features", "errors"), epilogue=base.describe_tables, status=status)

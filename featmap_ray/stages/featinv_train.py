@@ -14,7 +14,9 @@ that view (`features_source: on_the_fly`, with an optional horizontal flip appli
 before the backbone, so image and map stay aligned) or read from the features table.
 
 Checkpoints (ControlNet in diffusers format + optimiser + step) go to <storage>/featinv/<run_name>;
-running again with the same run_name and a larger max_steps continues from the last one. The
+running again with the same run_name and a larger max_steps continues from the last one, if the same
+settings made it (`provenance`: recorded in the ControlNet folder's manifest, featinv.identity); one
+made otherwise stops the run before any step, or with `overwrite` the run starts from scratch. The
 final ControlNet is published as a new version of <storage>/featinv/<run_name>/controlnet
 (`featinv.controlnet` for `featmap reconstruct`; featmap_ray.io.files: versioned folders). Rank 0
 logs to MLflow: params, the loss, and sample reconstructions. At the end the driver logs the final
@@ -96,6 +98,16 @@ def training_dataset(cfg: Config):
                                 "ingest` / `featmap extract` first, or check featinv.training.split / variants")
     return st.read_ray(uri, columns=columns, filter=where).map_batches(
         udf, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=PREPROCESS_BATCH)
+
+
+def ingest_config():
+    """How Ray Train feeds `training_dataset` to the workers: in the table's order, so an epoch's batches
+    (and the batches a resumed run skips) do not depend on which read task finished first."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
 
 
 # -- One training step (plain torch) ----------------------------------------------------------
@@ -264,17 +276,21 @@ def train_loop(config: dict) -> None:
         probe = metrics.BackboneProbe(*data.featinv_backbone(cfg), device)
 
     step = start_step = int(state["step"])
+    # Where the data order stopped: the epoch, and how many of its batches were trained on (a checkpoint
+    # of an older featmap-ray records neither: its epoch is read again from the start).
+    epoch, trained_in_epoch = int(state.get("epoch", 0)), int(state.get("batch", 0))
     shard = ray.train.get_dataset_shard("train")
     losses: list[float] = []
     grid_inputs = None
     with _mlflow_run(cfg, state["mlflow_run_id"], rank) as run_id:
-        epoch = 0
         while step < tr.max_steps:
             batches = 0
             for batch in shard.iter_torch_batches(batch_size=tr.batch_size, device=device, drop_last=True,
                                                   local_shuffle_buffer_size=tr.shuffle_buffer,
                                                   local_shuffle_seed=tr.seed + epoch):
                 batches += 1
+                if batches <= trained_in_epoch:
+                    continue  # trained on before the checkpoint this run resumed from
                 generator = step_generator(tr.seed, rank, step, device)
                 pixels, features = conditioning(batch, probe, tr.hflip, generator)
                 if grid_inputs is None:
@@ -297,7 +313,8 @@ def train_loop(config: dict) -> None:
                 if rank == 0 and step % tr.sample_every == 0:
                     mlflow.log_image(sample_grid(pipe, cfg, *grid_inputs), f"samples/step_{step:07d}.png")
                 if step % tr.checkpoint_every == 0 or step == tr.max_steps:
-                    _save(controlnet, optimizer, rank, {"step": step, "start_step": start_step, "mlflow_run_id": run_id,
+                    _save(controlnet, optimizer, rank, {"step": step, "epoch": epoch, "batch": batches,
+                                                        "start_step": start_step, "mlflow_run_id": run_id,
                                                         "loss": float(np.mean(losses[-tr.log_every:]))},
                           made, tr.run_name)
                 if step >= tr.max_steps:
@@ -305,7 +322,7 @@ def train_loop(config: dict) -> None:
             if batches == 0:
                 raise ValueError(f"featinv training: worker {rank} got no batch of {tr.batch_size} rows; the training "
                                  "data has fewer rows than featinv.training.batch_size × num_workers")
-            epoch += 1
+            epoch, trained_in_epoch = epoch + 1, 0
 
 
 def _save(controlnet, optimizer: torch.optim.Optimizer, rank: int, values: dict, made: base.Provenance,
@@ -319,8 +336,9 @@ def _save(controlnet, optimizer: torch.optim.Optimizer, rank: int, values: dict,
         if rank == 0:
             controlnet.save_pretrained(os.path.join(d, "controlnet"))
             identity.write_manifest(Path(d, "controlnet"), made.to_json(), run_name=run_name, step=values["step"])
-            torch.save({"optimizer": optimizer.state_dict(), "step": values["step"],
-                        "mlflow_run_id": values["mlflow_run_id"]}, os.path.join(d, STATE_FILE))
+            torch.save({"optimizer": optimizer.state_dict(), "step": values["step"], "epoch": values["epoch"],
+                        "batch": values["batch"], "mlflow_run_id": values["mlflow_run_id"]},
+                       os.path.join(d, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(values, checkpoint=checkpoint)
 
@@ -382,6 +400,7 @@ def run(cfg: Config) -> TrainSummary:
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json")},
         datasets={"train": dataset},
+        dataset_config=ingest_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu),
         run_config=ray.train.RunConfig(name=tr.run_name, storage_path=storage,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
@@ -433,4 +452,4 @@ STAGE = base.Stage(
     details="Checkpoints and the final ControlNet go to <storage>/featinv/<run_name>; a re-run with a larger "
             "max_steps continues from the last checkpoint.",
     keys=(*base.RAY_KEYS, *FEATINV_KEYS), checks=(data.check_featinv,), reads=("images", "features"),
-    writes=("featinv",), shows_runs_page=True)
+    writes=("featinv",), shows_runs_page=True, status=status)

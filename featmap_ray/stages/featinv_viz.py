@@ -353,8 +353,8 @@ def run(cfg: Config) -> str:
                        if (val := composed[k]) is not None})
         logged["unaffected_fraction_mean"] = float(np.mean([r["unaffected_fraction"] for r in concept_rows]))
         inputs = tracking.table_inputs(cfg, [st.layout.features(p.request.name, p.layer), st.layout.images])
-        run_id = tracking.study_stage_run(cfg, NAME, inputs, context="evaluation")
-        tracking.end_stage_run(cfg, run_id, logged, artefacts=out)
+        with tracking.study_stage(cfg, NAME, inputs, context="evaluation") as run_id:
+            tracking.end_stage_run(cfg, run_id, logged, artefacts=out)
     curve_text = ", ".join(f"α={alpha:g}: {cos:.3f}" for alpha, cos in curve.items())
     inside, outside = composed["change_inside"], composed["change_outside"]
     return (f"[{NAME}] {len(p.shown)} images of {p.label} × {len(concepts)} concepts ({how}), "

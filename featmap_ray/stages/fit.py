@@ -231,32 +231,32 @@ def run_study(cfg: Config) -> StudySummary:
         return summary
     # The fit stage run, under the study's run; the mapping runs nest under it. Inputs: the
     # features tables at the versions the plans read.
-    parent = tracking.study_stage_run(cfg, "fit", [tracking.table_input(cfg, p.train.uri, p.train.version)
-                                                   for p in plans])
-    trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)), plans=plans,
-                                     cfg_data=cfg.model_dump(mode="json"), parent=parent)
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"group": tune.grid_search(list(range(len(plans))))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg)),
-        run_config=tune_run_config(cfg, "fit",
-                                   failure_config=tune.FailureConfig(max_failures=cfg.mapping.resources.max_failures)),
-    )
-    for result in tuner.fit():
-        plan = plans[result.config["group"]]
-        if result.error is not None:
-            # The last line of a Ray task error is the exception that stopped the group.
-            message = [line for line in str(result.error).splitlines() if line.strip()][-1]
-            summary.failed.update({run.key: message for run in plan.runs})
-            continue
-        outcome = json.loads(result.metrics["outcome"])
-        summary.fitted += outcome["fitted"]
-        summary.failed.update(outcome["failed"])
-    summary.seconds = time.perf_counter() - started
-    _record_failures(cfg, summary)
-    tracking.end_stage_run(cfg, parent, {"runs": len(runs), "groups": len(plans), "fitted": len(summary.fitted),
-                                         "failed": len(summary.failed), "seconds": summary.seconds},
-                           status="FAILED" if summary.failed and not summary.fitted else "FINISHED")
+    with tracking.study_stage(cfg, "fit", [tracking.table_input(cfg, p.train.uri, p.train.version)
+                                           for p in plans]) as parent:
+        trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)), plans=plans,
+                                         cfg_data=cfg.model_dump(mode="json"), parent=parent)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"group": tune.grid_search(list(range(len(plans))))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg)),
+            run_config=tune_run_config(cfg, "fit",
+                                       failure_config=tune.FailureConfig(max_failures=cfg.mapping.resources.max_failures)),
+        )
+        for result in tuner.fit():
+            plan = plans[result.config["group"]]
+            if result.error is not None:
+                # The last line of a Ray task error is the exception that stopped the group.
+                message = [line for line in str(result.error).splitlines() if line.strip()][-1]
+                summary.failed.update({run.key: message for run in plan.runs})
+                continue
+            outcome = json.loads(result.metrics["outcome"])
+            summary.fitted += outcome["fitted"]
+            summary.failed.update(outcome["failed"])
+        summary.seconds = time.perf_counter() - started
+        _record_failures(cfg, summary)
+        tracking.end_stage_run(cfg, parent, {"runs": len(runs), "groups": len(plans), "fitted": len(summary.fitted),
+                                             "failed": len(summary.failed), "seconds": summary.seconds},
+                               status="FAILED" if summary.failed and not summary.fitted else "FINISHED")
     return summary
 
 
@@ -310,4 +310,4 @@ STAGE = base.Stage(
             "resume, runs whose input features changed are retrained. Runs land in "
             "<storage>/mapping/runs/<study>/.",
     keys=(*base.RAY_KEYS, *FIT_KEYS), checks=(validate_study,), reads=("features",), writes=("runs", "errors"),
-    shows_runs_page=True)
+    shows_runs_page=True, status=status)

@@ -242,4 +242,4 @@ STAGE = base.Stage(
     details="Lists the image files under dataset.root, decodes, resizes and centre-crops them; unreadable files "
             "become rows of errors.lance. A re-run adds only what is missing.",
     keys=(*base.RAY_KEYS, "dataset"), checks=(check_dataset,), reads=("dataset.root",), writes=("images", "errors"),
-    epilogue=base.describe_tables)
+    epilogue=base.describe_tables, status=status)

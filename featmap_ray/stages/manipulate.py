@@ -108,4 +108,4 @@ STAGE = base.Stage(
     NAME, "originals -> manipulated variants in images.lance", command,
     details="Applies every manipulate.ops entry to every original image.",
     keys=(*base.RAY_KEYS, "manipulate"), checks=(base.check_images,), reads=("images",), writes=("images", "errors"),
-    epilogue=base.describe_tables)
+    epilogue=base.describe_tables, status=status)

@@ -7,6 +7,9 @@ spatial-only baseline (geometric manipulations) and the noise control (the origi
 mapping's change norm at every position). Each reconstruction is scored against the manipulated image and
 against the true target's reconstruction (`image_metrics`), in an actor pool that loads FeatInv and the
 judge backbone once. Rows (run, source_id) are committed as they come; a re-run scores only what is missing.
+Each run's rows are a group (stages.base) that records the FeatInv model, the sampler and scoring settings,
+the run itself (digest and weights: a refit run is another) and the groups its pairs came from: rows made
+otherwise refuse the run before anything is written, or with `overwrite` are scored again.
 """
 
 from __future__ import annotations
@@ -253,18 +256,18 @@ def run(cfg: Config) -> base.StageSummary:
              for key, info in runs.items() for i in info["rows"] if (key, info["pairs"].source_ids[i]) not in done]
     total = sum(len(info["rows"]) for info in runs.values())
     st = tables.Store(cfg.storage)
-    run_id = tracking.study_stage_run(cfg, NAME, tracking.table_inputs(
-        cfg, [st.layout.images, *(info["pairs"].uri for info in runs.values())]), context="evaluation")
-    ds = None
-    if tasks:
-        ds = (ray.data.from_items(tasks, override_num_blocks=max(1, -(-len(tasks) // rc.batch_size)))
-              .map_batches(ReconEvaluator, batch_size=rc.batch_size, batch_format="pyarrow",
-                           fn_constructor_args=(cfg, runs, target.schema, pinned),
-                           compute=ray.data.ActorPoolStrategy(size=rc.num_actors), num_gpus=rc.num_gpus))
-    summary = base.write_stage(st, NAME, ds, [target], rows_per_commit=rc.rows_per_commit,
-                                skipped=total - len(tasks), overwritten=sum(m.rows for m in overwritten))
-    tracking.end_stage_run(cfg, run_id, {"written": sum(summary.written.values()), "failed": summary.failed},
-                           inputs=tracking.table_inputs(cfg, [uri]))
+    with tracking.study_stage(cfg, NAME, tracking.table_inputs(
+            cfg, [st.layout.images, *(info["pairs"].uri for info in runs.values())]), context="evaluation") as run_id:
+        ds = None
+        if tasks:
+            ds = (ray.data.from_items(tasks, override_num_blocks=max(1, -(-len(tasks) // rc.batch_size)))
+                  .map_batches(ReconEvaluator, batch_size=rc.batch_size, batch_format="pyarrow",
+                               fn_constructor_args=(cfg, runs, target.schema, pinned),
+                               compute=ray.data.ActorPoolStrategy(size=rc.num_actors), num_gpus=rc.num_gpus))
+        summary = base.write_stage(st, NAME, ds, [target], rows_per_commit=rc.rows_per_commit,
+                                    skipped=total - len(tasks), overwritten=sum(m.rows for m in overwritten))
+        tracking.end_stage_run(cfg, run_id, {"written": sum(summary.written.values()), "failed": summary.failed},
+                               inputs=tracking.table_inputs(cfg, [uri]))
     return summary
 
 
@@ -306,4 +309,4 @@ STAGE = base.Stage(
     keys=(*base.RAY_KEYS, "evaluate.reconstruction", "evaluate.reconstruction.judge", "mapping.study",
           *FEATINV_KEYS),
     checks=(data.check_featinv, check_judge), reads=("runs", "features", "images", "featinv"),
-    writes=("results", "errors"), shows_runs_page=True)
+    writes=("results", "errors"), shows_runs_page=True, status=status)

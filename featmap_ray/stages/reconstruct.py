@@ -8,7 +8,12 @@ latent (the reference uses 100 for every image: `sampling.seed`; sample i of a m
 Per row the job stores the PNG, the median per-position cosine between the map and the
 reconstruction's map, and whether the backbone's classifier agrees on the reconstruction and the
 stored source image of the same key (top-1 / top-5(1) match). Then FID over every stored row of the
-generator. Maps with the wrong shape or NaNs become rows of errors.lance; a re-run skips stored keys.
+generator. Maps with the wrong shape or NaNs become rows of errors.lance.
+
+Provenance (stages.base): the rows of one (generator, variant) are a group that records the FeatInv model
+(the content of its weights: featinv.identity), the sampler settings, the scoring backbone, and the
+features groups (or the mapping run) its maps came from. A re-run with the same skips stored keys;
+another setting refuses before anything is written, naming it, and `overwrite` recomputes that group.
 """
 
 from __future__ import annotations
@@ -381,4 +386,4 @@ STAGE = base.Stage(
     details="Samples images from the stored feature maps (or from a mapping run's mapped maps: "
             "featinv.sampling.mapping_run) into reconstructions/<backbone>/<layer>.lance.",
     keys=(*base.RAY_KEYS, *FEATINV_KEYS), checks=(data.check_featinv,), reads=("features", "featinv", "runs"),
-    writes=("reconstructions", "errors"), shows_runs_page=True)
+    writes=("reconstructions", "errors"), shows_runs_page=True, status=status)

@@ -28,8 +28,8 @@ def run_report(cfg: Config) -> Location:
     with target.publish() as out:
         n_figures = write_report(cfg, out)
         results = [results_uri(cfg, name) for name in REPORTED]
-        run_id = tracking.study_stage_run(cfg, "report", tracking.table_inputs(cfg, results), context="evaluation")
-        tracking.end_stage_run(cfg, run_id, {"figures": n_figures}, artefacts=out)
+        with tracking.study_stage(cfg, "report", tracking.table_inputs(cfg, results), context="evaluation") as run_id:
+            tracking.end_stage_run(cfg, run_id, {"figures": n_figures}, artefacts=out)
     return target.current() / "report.md"
 
 
@@ -128,4 +128,4 @@ STAGE = base.Stage(
     "report", "tables and PNG plots in <storage>/reports/<study>/ and MLflow", command,
     details="Reads what evaluate (and analyze, recon-eval, featinv-viz) wrote: run `featmap evaluate` first.",
     keys=(*base.RAY_KEYS, "mapping.study"), checks=(check_evaluations,), reads=("results",), writes=("reports",),
-    shows_runs_page=True)
+    shows_runs_page=True, status=status)

@@ -126,38 +126,39 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
     check = train.plan_group(cfg, [spec], name="check")  # the pairs exist; normalisation statistics computed once, here
     sw = cfg.mapping.sweep
     # The sweep stage run, under the study's run; each trial's mapping run nests under it.
-    parent = tracking.study_stage_run(cfg, "sweep", [tracking.table_input(cfg, check.train.uri, check.train.version)])
-    trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)),
-                                     cfg_data=cfg.model_dump(mode="json"), spec_data=spec.to_dict(), parent=parent)
-    tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            metric="val_loss", mode="min", num_samples=sw.num_samples, max_concurrent_trials=max_concurrent(cfg),
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.mapping.training.max_epochs,
-                                    grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)),
-        run_config=tune_run_config(cfg, "sweep"),
-    )
-    results = tuner.fit()
-    best = results.get_best_result(metric="val_loss", mode="min", scope="all")
-    if best is None or best.metrics is None:
-        message = f"sweep {cfg.mapping.study}: no trial reported a validation loss ({results.num_errors} errors)"
-        tracking.end_stage_run(cfg, parent, {"trials": len(results), "errors": results.num_errors}, status="FAILED",
-                               error=message)
-        raise RuntimeError(message)
-    trial_id = best.metrics["trial_id"]
-    best_dir = sweep_root(cfg) / "best"
-    plan = trial_plan(cfg, spec, best.config, trial_id)
-    # The trial's last Ray Train checkpoint holds its best epoch, also when ASHA stopped it early.
-    # Ray reports the checkpoint's path inside its filesystem (no s3:// scheme): pass the filesystem.
-    checkpoint = ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=train.train_root(cfg).fs)
-    train.publish_from_checkpoint(checkpoint, plan, cfg.mapping.loss_options)
-    artefacts.copy_run(plan.runs[0].out_dir, best_dir)
-    summary = {"best_trial": trial_id, "best_val_loss": float(best.metrics["best_val_loss"]),
-               "best_config": best.config, "trials": len(results), "errors": results.num_errors, "dir": str(best_dir)}
-    (sweep_root(cfg) / "best.json").write_json(summary)
-    tracking.end_stage_run(cfg, parent, {"best_val_loss": summary["best_val_loss"], "trials": len(results),
-                                         "errors": results.num_errors})
+    with tracking.study_stage(cfg, "sweep",
+                              [tracking.table_input(cfg, check.train.uri, check.train.version)]) as parent:
+        trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)),
+                                         cfg_data=cfg.model_dump(mode="json"), spec_data=spec.to_dict(), parent=parent)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric="val_loss", mode="min", num_samples=sw.num_samples, max_concurrent_trials=max_concurrent(cfg),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.mapping.training.max_epochs,
+                                        grace_period=sw.grace_period, reduction_factor=sw.reduction_factor)),
+            run_config=tune_run_config(cfg, "sweep"),
+        )
+        results = tuner.fit()
+        best = results.get_best_result(metric="val_loss", mode="min", scope="all")
+        if best is None or best.metrics is None:
+            message = f"sweep {cfg.mapping.study}: no trial reported a validation loss ({results.num_errors} errors)"
+            tracking.end_stage_run(cfg, parent, {"trials": len(results), "errors": results.num_errors}, status="FAILED",
+                                   error=message)
+            raise RuntimeError(message)
+        trial_id = best.metrics["trial_id"]
+        best_dir = sweep_root(cfg) / "best"
+        plan = trial_plan(cfg, spec, best.config, trial_id)
+        # The trial's last Ray Train checkpoint holds its best epoch, also when ASHA stopped it early.
+        # Ray reports the checkpoint's path inside its filesystem (no s3:// scheme): pass the filesystem.
+        checkpoint = ray.train.Checkpoint(best.metrics["checkpoint_path"], filesystem=train.train_root(cfg).fs)
+        train.publish_from_checkpoint(checkpoint, plan, cfg.mapping.loss_options)
+        artefacts.copy_run(plan.runs[0].out_dir, best_dir)
+        summary = {"best_trial": trial_id, "best_val_loss": float(best.metrics["best_val_loss"]),
+                   "best_config": best.config, "trials": len(results), "errors": results.num_errors, "dir": str(best_dir)}
+        (sweep_root(cfg) / "best.json").write_json(summary)
+        tracking.end_stage_run(cfg, parent, {"best_val_loss": summary["best_val_loss"], "trials": len(results),
+                                             "errors": results.num_errors})
     return summary
 
 
