@@ -263,3 +263,16 @@ def test_jobs_and_the_readme_command_table_come_from_the_registry():
     readme = (REPO / "README.md").read_text()
     assert entry.readme_with_table(readme) == readme, "the README's command table is stale: run `python jobs/_entry.py`"
     assert all(f"| `featmap {name}` |" in readme for name in STAGES)
+
+
+def test_status_on_an_empty_root_says_missing_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """`featmap status` reads only metadata: on a root with nothing yet, every stage output it knows is
+    "missing", the command exits 0 without starting Ray, and the root stays empty."""
+    monkeypatch.setattr(runtime, "init_ray", lambda cfg: pytest.fail("featmap status started Ray"))
+    assert cli.main(["status", "--config", _config_file(tmp_path, tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    states = {(words[1], words[0]) for words in lines if words and words[0] in ("missing", "stale", "partial", "up")}
+    assert ("ingest", "missing") in states and ("extract", "missing") in states and ("fit", "missing") in states
+    assert not any(state != "missing" for _, state in states)
+    assert not (tmp_path / "store").exists()
