@@ -73,10 +73,9 @@ def main() -> None:
     import lance
     import ray
 
-    from featmap_ray import runtime
     from featmap_ray.io import tables
     from featmap_ray.stages import edit as edit_stage
-    from featmap_ray.stages import ingest
+    from featmap_ray.stages import ingest, runtime
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,10 +27,10 @@ from pathlib import Path
 import lance
 import torch
 
-from featmap_ray import backbones, runtime
+from featmap_ray import backbones
 from featmap_ray.config import BackboneRequest, load_config
 from featmap_ray.io import tables
-from featmap_ray.stages import extract, ingest, manipulate
+from featmap_ray.stages import extract, ingest, manipulate, runtime
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "demo.yaml"
 ALL_STAGES = ["stage0", "stage1", "stage2", "stage3"]

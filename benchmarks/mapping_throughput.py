@@ -29,13 +29,12 @@ import time
 import numpy as np
 import torch
 
-from featmap_ray import runtime
 from featmap_ray.config import Config
 from featmap_ray.io import tracking
-from featmap_ray.mapping import artefacts, synthetic
+from featmap_ray.mapping import artefacts
 from featmap_ray.mapping.losses import build_loss
 from featmap_ray.mapping.models import build_model
-from featmap_ray.stages import fit
+from featmap_ray.stages import fit, runtime, synthetic
 from featmap_ray.stages import mapping_train as train
 
 LOSS = {"mse": 0.3, "median_cos": 0.7}

@@ -135,7 +135,7 @@ def run(stage: base.Stage, cfg: Config) -> None:
     for check in stage.checks:  # before Ray starts and before anything is written
         check(cfg)
     if stage.starts_ray:
-        from featmap_ray import runtime
+        from featmap_ray.stages import runtime
 
         runtime.init_ray(cfg)
     result = stage.run(cfg)

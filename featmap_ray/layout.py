@@ -51,6 +51,10 @@ class Layout:
     def _table(self, *parts: str) -> str:
         return "/".join([self.root, *parts]) + ".lance"
 
+    def table(self, name: str) -> str:
+        """The URI of the table `name` names (the inverse of `name`, e.g. "features/resnet50/layer1")."""
+        return self._table(name)
+
     @property
     def location(self) -> Location:
         return Location(self.root)

@@ -53,7 +53,7 @@ def single_torch_thread():
 def ray_session():
     import ray
 
-    from featmap_ray import runtime
+    from featmap_ray.stages import runtime
 
     # 8 logical CPUs on 2 cores: actor pools next to Ray Data tasks starve otherwise (ray#44687).
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=768 * 2**20,

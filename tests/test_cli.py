@@ -15,9 +15,9 @@ import pytest
 import ray
 import yaml
 
-from featmap_ray import cli, config, runtime
+from featmap_ray import cli, config
 from featmap_ray.io import tables
-from featmap_ray.stages import base
+from featmap_ray.stages import base, runtime
 from tests.conftest import write_image
 
 STAGES = base.registry()

@@ -22,9 +22,10 @@ from featmap_ray.config import BackboneRequest, Config, EditConfig, MappingTrain
 from featmap_ray.io import tables, tracking
 from featmap_ray.layout import Layout
 from featmap_ray.manipulations import direct, semantic
-from featmap_ray.mapping import data, loop, models
-from featmap_ray.mapping import synthetic as mt
+from featmap_ray.mapping import loop, models
 from featmap_ray.mapping.grid import RunSpec
+from featmap_ray.stages import pairs as data
+from featmap_ray.stages import synthetic as mt
 from tests import ray_cluster
 from tests.conftest import TINY_BACKBONES
 

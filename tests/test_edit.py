@@ -20,12 +20,12 @@ import torch
 import yaml
 from PIL import Image
 
-from featmap_ray import cli, runtime
+from featmap_ray import cli
 from featmap_ray.config import Config, ConfigError, EditConfig, load_config
 from featmap_ray.io import imageio, tables
 from featmap_ray.manipulations import semantic
 from featmap_ray.seeding import derive_seed
-from featmap_ray.stages import base, ingest
+from featmap_ray.stages import base, ingest, runtime
 from featmap_ray.stages import edit as edit_stage
 from tests.conftest import make_config, tiny_backbone, write_image
 
@@ -338,8 +338,8 @@ def test_recon_eval_scores_every_reconstruction_by_the_definitions(studied):
     scikit-image and the change norm from the run's own model."""
     from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
-    from featmap_ray.mapping import data
     from featmap_ray.mapping.artefacts import load_run, runs_root
+    from featmap_ray.stages import pairs as data
     from featmap_ray.stages.evaluate import read_results
 
     cfg, *_, (partial, recon), report = studied

@@ -15,14 +15,14 @@ import yaml
 from PIL import Image
 from safetensors.numpy import save_file
 
-from featmap_ray import cli, runtime
+from featmap_ray import cli
 from featmap_ray.cosine import median_cosine
 from featmap_ray.featinv import loading, viz
 from featmap_ray.featinv.metrics import BackboneProbe
 from featmap_ray.featinv.pipeline import seeded_generators
 from featmap_ray.io import tables, tracking
 from featmap_ray.io.files import Location
-from featmap_ray.stages import extract, ingest
+from featmap_ray.stages import extract, ingest, runtime
 from tests.conftest import make_config, write_image
 
 C = 12

@@ -12,9 +12,10 @@ import torch
 from featmap_ray.config import MappingTraining
 from featmap_ray.cosine import median_cosine
 from featmap_ray.io import tables
-from featmap_ray.mapping import data, loop
-from featmap_ray.mapping import synthetic as mt
+from featmap_ray.mapping import loop
 from featmap_ray.mapping.grid import RunSpec
+from featmap_ray.stages import pairs as data
+from featmap_ray.stages import synthetic as mt
 
 SHAPE = (8, 3, 3)
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from featmap_ray.config import Config
-from featmap_ray.mapping import synthetic as mt
+from featmap_ray.stages import synthetic as mt
 
 TINY_CLASSIFIER = {"name": "convnext_base", "pretrained": False,
                    "model_kwargs": {"depths": [1, 1, 1, 1], "dims": [8, 8, 8, 16]}}
@@ -333,7 +333,7 @@ def test_a_killed_train_worker_restarts_within_the_command(tmp_path, ray_session
 
 
 def data_loader(pairs, training, shuffle=False):
-    from featmap_ray.mapping import data
+    from featmap_ray.stages import pairs as data
 
     return data.PairLoader(pairs, batch_size=training.batch_size, shuffle_seed=training.seed if shuffle else None)
 

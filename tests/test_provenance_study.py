@@ -13,11 +13,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from featmap_ray import cli, runtime
+from featmap_ray import cli
 from featmap_ray.io import tables, tracking
 from featmap_ray.mapping import artefacts
-from featmap_ray.mapping import synthetic as mt
-from featmap_ray.stages import analyze, base, evaluate, fit, report
+from featmap_ray.stages import analyze, base, evaluate, fit, report, runtime
+from featmap_ray.stages import synthetic as mt
 from tests.test_mapping_study import SHAPE, study_config
 
 LR = 0.02

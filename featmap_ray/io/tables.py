@@ -235,11 +235,6 @@ class Store:
         table = ds.to_table(columns=[*KEY, *columns], filter=f"source_id IN ({sql_list(ids)})")
         return table.filter(pa.array([k in wanted for k in row_keys(table)], type=pa.bool_()))
 
-    def read_ray(self, uri: str, columns: list[str] | None = None, filter: str | None = None):
-        import ray.data
-
-        # The filter (Lance SQL, like every filter in this module) is pushed down to the scanner.
-        return ray.data.read_lance(uri, columns=columns, scanner_options={"filter": filter} if filter else None)
 
     # -- failures ----------------------------------------------------------------------------
     def check_errors_table(self) -> None:

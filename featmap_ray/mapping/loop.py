@@ -34,7 +34,7 @@ from featmap_ray.mapping.artefacts import NormalisedMap, build_mapping
 from featmap_ray.mapping.grid import RunSpec
 
 if TYPE_CHECKING:  # the loop only iterates loaders; reading pairs (Lance) is the caller's
-    from featmap_ray.mapping.data import PairLoader
+    from featmap_ray.stages.pairs import PairLoader
 
 # The median rule of the validation cosine: the training loss's (spec §5).
 COS_RULE = "upper"

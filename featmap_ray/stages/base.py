@@ -36,8 +36,8 @@ from ray.data.block import BlockAccessor
 from featmap_ray import seeding
 from featmap_ray.config import Config
 from featmap_ray.io import tables
-from featmap_ray.layout import Layout
 from featmap_ray.io.files import Location
+from featmap_ray.layout import Layout
 
 # The commands, in the order `featmap --help` lists them; each is the module `stages/<name>.py`
 # (dashes as underscores) holding a `STAGE`.
@@ -145,7 +145,7 @@ def changed_inputs(root: str, inputs: dict[str, str], by_table: dict[str, dict[s
     out = []
     for key, fingerprint in sorted(inputs.items()):
         path, _, _group = key.rpartition("#")
-        uri = f"{root.rstrip('/')}/{path}.lance"
+        uri = Layout(root).table(path)
         if uri not in by_table:
             by_table[uri] = current_fingerprints(root, uri)
         now = by_table[uri].get(key)
@@ -318,6 +318,13 @@ class Stage:
     # its `main` gets the parsed namespace and returns the exit code.
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
     main: Callable[[argparse.Namespace], int] | None = None
+
+
+def read_ray(uri: str, columns: list[str] | None = None, filter: str | None = None):
+    """A Ray Dataset of a Lance table; the filter (Lance SQL, like every filter here) is pushed down to the scanner."""
+    import ray.data
+
+    return ray.data.read_lance(uri, columns=columns, scanner_options={"filter": filter} if filter else None)
 
 
 def check_images(cfg: Config) -> None:

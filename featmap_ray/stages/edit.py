@@ -25,12 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from featmap_ray import runtime
 from featmap_ray.config import Config, EditConfig
 from featmap_ray.io import imageio, tables
 from featmap_ray.manipulations import semantic
 from featmap_ray.seeding import derive_seed
-from featmap_ray.stages import base
+from featmap_ray.stages import base, runtime
 from featmap_ray.stages.manipulate import BATCH_SCHEMA, CARRIED, failure_row
 
 NAME = "edit"

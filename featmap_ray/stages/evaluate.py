@@ -123,7 +123,7 @@ def classifier_request(cfg: Config, backbone: str) -> BackboneRequest:
 
 def _test_tensors(cfg: Config, dataset: str, backbone: str, layer: str, manipulation: str):
     """(x, y, labels) of the held-out pairs, a seeded subset of at most evaluate.max_pairs."""
-    from featmap_ray.mapping import data
+    from featmap_ray.stages import pairs as data
 
     pairs = data.load_pairs(tables.Store(cfg.storage), dataset=dataset, backbone=backbone, layer=layer,
                             manipulation=manipulation, split=cfg.evaluate.split)

@@ -25,10 +25,10 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from featmap_ray import backbones, runtime, seeding
+from featmap_ray import backbones, seeding
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.io import imageio, tables
-from featmap_ray.stages import base
+from featmap_ray.stages import base, runtime
 
 NAME = "extract"
 LABELS = ("source_id", "variant", "split", "class_idx")
@@ -185,7 +185,7 @@ def run(cfg: Config) -> list[base.StageSummary]:
         ds = None
         if pending:
             ds = (
-                st.read_ray(st.layout.images, columns=["source_id", "variant", "split", "class_idx", "image"])
+                base.read_ray(st.layout.images, columns=["source_id", "variant", "split", "class_idx", "image"])
                 .map_batches(preprocess_batch, batch_size=ex.batch_size, batch_format="pyarrow",
                              fn_kwargs={"size": spec.input_size, "pending": pending})
                 .map_batches(FeatureExtractor, batch_size=ex.batch_size, batch_format="pyarrow",

@@ -96,7 +96,7 @@ def training_dataset(cfg: Config):
     if st.count(uri, filter=where) == 0:
         raise FileNotFoundError(f"no training rows in {uri}" + (f" where {where}" if where else "") + ": run `featmap "
                                 "ingest` / `featmap extract` first, or check featinv.training.split / variants")
-    return st.read_ray(uri, columns=columns, filter=where).map_batches(
+    return base.read_ray(uri, columns=columns, filter=where).map_batches(
         udf, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=PREPROCESS_BATCH)
 
 

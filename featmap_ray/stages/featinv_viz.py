@@ -28,7 +28,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from tqdm import tqdm
 
-from featmap_ray import backbones, runtime
+from featmap_ray import backbones
 from featmap_ray.config import BackboneRequest, Config
 from featmap_ray.cosine import median_cosine
 from featmap_ray.evaluation.report import new_figure, safe_name, save_figure
@@ -36,7 +36,7 @@ from featmap_ray.featinv import data, identity, metrics, viz
 from featmap_ray.io import imageio, tables, tracking
 from featmap_ray.io.files import Location
 from featmap_ray.layout import Layout
-from featmap_ray.stages import base
+from featmap_ray.stages import base, runtime
 from featmap_ray.stages.featinv_train import FEATINV_KEYS
 
 NAME = "featinv-viz"

@@ -211,7 +211,7 @@ def plan_study(cfg: Config, runs: list[grid.RunSpec]) -> tuple[list[train.GroupP
 def _trial(config: dict[str, Any], plans: list[train.GroupPlan], cfg_data: dict[str, Any], parent: str) -> None:
     from ray import tune
 
-    from featmap_ray import runtime
+    from featmap_ray.stages import runtime
 
     runtime.configure_data_context()
     cfg = Config.model_validate(cfg_data)

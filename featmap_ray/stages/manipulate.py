@@ -84,7 +84,7 @@ def run(cfg: Config) -> base.StageSummary:
     n_pending = sum(map(len, pending.values()))
     ds = None
     if pending:
-        ds = st.read_ray(st.layout.images, filter=f"variant = '{tables.ORIGINAL}'").map_batches(
+        ds = base.read_ray(st.layout.images, filter=f"variant = '{tables.ORIGINAL}'").map_batches(
             manipulate_batch, batch_size=cfg.manipulate.batch_size, batch_format="pyarrow",
             fn_kwargs={"manipulations": manipulations, "pending": pending, "base_seed": cfg.manipulate.seed})
     skipped = len(originals) * len(manipulations) - n_pending

@@ -15,7 +15,6 @@ from featmap_ray.config import Config
 from featmap_ray.featinv import identity
 from featmap_ray.io import tables
 from featmap_ray.io.files import Location
-from featmap_ray.mapping import data
 from featmap_ray.mapping.artefacts import (
     MODEL_FILE,
     finished_runs,
@@ -25,6 +24,7 @@ from featmap_ray.mapping.artefacts import (
     runs_root,
 )
 from featmap_ray.mapping.grid import RunSpec
+from featmap_ray.stages import pairs as data
 
 
 class _MapWithRun:

@@ -30,9 +30,10 @@ import torch
 from featmap_ray.config import Config, MappingTraining
 from featmap_ray.io import tables, tracking
 from featmap_ray.io.files import Location
-from featmap_ray.mapping import artefacts, data, grid
+from featmap_ray.mapping import artefacts, grid
 from featmap_ray.mapping.grid import RunSpec, run_digest
 from featmap_ray.stages import base
+from featmap_ray.stages import pairs as data
 
 GROUP_STATE = "group.pt"
 # Ray Train's controller collects reports and checkpoints when it polls the workers (every 2 s by

@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from featmap_ray import runtime
 from featmap_ray.config import Config
 from featmap_ray.evaluation import image_metrics
 from featmap_ray.featinv import data, identity, metrics
@@ -26,7 +25,7 @@ from featmap_ray.io import imageio, tables, tracking
 from featmap_ray.io.files import Location
 from featmap_ray.mapping.artefacts import read_info
 from featmap_ray.seeding import derive_seed
-from featmap_ray.stages import base
+from featmap_ray.stages import base, runtime
 from featmap_ray.stages.featinv_train import FEATINV_KEYS
 
 NAME = "recon-eval"
@@ -174,9 +173,9 @@ def choose_sources(source_ids: list[str], n: int, seed: int, dataset: str, manip
 
 def plan(cfg: Config) -> dict[str, dict]:
     """The runs to evaluate, checked before any work: finished, of FeatInv's (backbone, layer), with held-out pairs."""
-    from featmap_ray.mapping import data as pair_data
     from featmap_ray.mapping.artefacts import finished_runs, read_info
     from featmap_ray.mapping.grid import RunSpec
+    from featmap_ray.stages import pairs as pair_data
 
     rc = cfg.evaluate.reconstruction
     request, layer = data.featinv_backbone(cfg)

@@ -28,12 +28,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from featmap_ray import backbones, runtime
+from featmap_ray import backbones
 from featmap_ray.config import Config
 from featmap_ray.cosine import median_cosine
 from featmap_ray.featinv import data, fid, identity, metrics
 from featmap_ray.io import imageio, tables, tracking
-from featmap_ray.stages import base
+from featmap_ray.stages import base, runtime
 from featmap_ray.stages.featinv_train import FEATINV_KEYS
 
 # diffusers (featinv.loading, featinv.model, featinv.pipeline) is imported where it is used: Ray Data
@@ -207,7 +207,7 @@ def evaluate(cfg: Config, generator: str) -> ReconstructionMetrics:
     request, layer = data.featinv_backbone(cfg)
     st = tables.Store(cfg.storage)
     s = cfg.featinv.sampling
-    ds = st.read_ray(st.layout.reconstructions(request.name, layer), filter=_rows_filter(generator, _seeds(cfg)),
+    ds = base.read_ray(st.layout.reconstructions(request.name, layer), filter=_rows_filter(generator, _seeds(cfg)),
                      columns=["source_id", "variant", "image", *ROW_METRICS])
     features = ds.map_batches(FidFeatures, fn_constructor_args=(cfg,), batch_size=s.batch_size, batch_format="pyarrow",
                               compute=ray.data.ActorPoolStrategy(size=s.num_actors), num_gpus=s.num_gpus)
@@ -357,7 +357,7 @@ def select(cfg: Config) -> tuple[Maps, Callable[[], object]]:
         raise FileNotFoundError(f"no feature maps in {uri}" + (f" where {where}" if where else "")
                                 + ": run `featmap extract` first (or check featinv.sampling.split / variants)")
     maps = Maps(EXTRACTED, keys, {variant: [variant] for variant in {v for _, v in keys}})
-    return maps, lambda: st.read_ray(uri, columns=[*LABELS, "feature"], filter=where)
+    return maps, lambda: base.read_ray(uri, columns=[*LABELS, "feature"], filter=where)
 
 
 def run(cfg: Config) -> ReconstructReport:

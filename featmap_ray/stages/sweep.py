@@ -102,7 +102,7 @@ def _trial(params: dict[str, Any], cfg_data: dict[str, Any], spec_data: dict[str
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from featmap_ray import runtime
+    from featmap_ray.stages import runtime
 
     runtime.configure_data_context()
     cfg = Config.model_validate(cfg_data)

@@ -35,7 +35,7 @@ def read_pairs(root: str, manipulation: str, split: str = "train", dataset: str 
     """(x, y) tensors of the stored pairs, in source_id order, loaded into memory."""
     import torch
 
-    from featmap_ray.mapping import data
+    from featmap_ray.stages import pairs as data
 
     st = tables.Store(root)
     pairs = data.load_pairs(st, dataset=dataset, backbone=BACKBONE, layer=LAYER, manipulation=manipulation, split=split)

@@ -23,6 +23,7 @@ import torch
 
 from featmap_ray import seeding
 from featmap_ray.io import tables
+from featmap_ray.stages import base
 
 
 @dataclass
@@ -237,7 +238,7 @@ def channel_stats(st: tables.Store, *, dataset: str, backbone: str, layer: str, 
     if not ids:
         raise ValueError(f"no original images of dataset {dataset!r} in {st.layout.images}")
     filt = f"variant = '{tables.ORIGINAL}' AND split = '{split}' AND source_id IN ({tables.sql_list(ids)})"
-    parts = st.read_ray(uri, columns=["source_id", "feature"], filter=filt).map_batches(
+    parts = base.read_ray(uri, columns=["source_id", "feature"], filter=filt).map_batches(
         _partial_moments, batch_format="pyarrow", batch_size=256).take_all()
     if not parts:
         raise ValueError(f"no {split} originals of {dataset!r} in {uri}: cannot compute normalisation statistics")
