@@ -48,7 +48,7 @@ def read_manifest(cfg: Config, source: tracking.ModelSource) -> dict[str, Any] |
     """The manifest of the ControlNet at `source` (a folder or an MLflow URI), None when it has none."""
     if not tracking.is_model_uri(source.uri):
         folder = Location(source.uri)
-        path = (folder.current() or folder) / MANIFEST  # a folder featmap published: its published version
+        path = folder.resolved() / MANIFEST  # a folder featmap published: its published version
         return path.read_json() if path.exists() else None
     from mlflow.exceptions import MlflowException
 

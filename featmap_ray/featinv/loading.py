@@ -151,7 +151,7 @@ def local_folder(cfg: Config, source: tracking.ModelSource) -> Iterator[str]:
         # A folder featmap published (featmap featinv-train) holds versions behind a pointer; any other
         # (a diffusers `save_pretrained`, a training checkpoint, a download) is read as it is.
         folder = Location(source.uri)
-        with (folder.current() or folder).local_copy() as local:
+        with folder.resolved().local_copy() as local:
             yield local
 
 

@@ -231,6 +231,11 @@ class Location:
             return None
         return self / name
 
+    def resolved(self) -> Location:
+        """What a reader of this folder reads: its published version when it is a versioned artefact,
+        else the folder itself (a checkpoint, a `save_pretrained` output, a download)."""
+        return self.current() or self
+
     @contextlib.contextmanager
     def publish(self) -> Iterator[Path]:
         """A local folder to write a new version of this artefact into; when the block ends without an
