@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featmap_ray.config import Config
+from featmap_ray.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def tracking_uri(cfg: Config) -> str:
     if cfg.mlflow.tracking_uri:
         return cfg.mlflow.tracking_uri
     cfg.mlflow.check_storage(cfg.storage)  # raises ValueError naming the fix
-    return f"sqlite:///{cfg.storage}/mlflow.db"
+    return f"sqlite:///{Layout(cfg.storage).mlflow_db}"
 
 
 def is_server(uri: str) -> bool:

@@ -25,6 +25,7 @@ from torch import nn
 
 from featmap_ray.config import Config
 from featmap_ray.io.files import POINTER, Location
+from featmap_ray.layout import Layout
 from featmap_ray.mapping.grid import RunSpec
 
 MODEL_FILE = "model.safetensors"
@@ -71,7 +72,7 @@ def build_mapping(spec: RunSpec, shape: tuple[int, int, int], norm: dict | None)
 # -- where runs live --------------------------------------------------------------------------------
 
 def runs_root(cfg: Config) -> Location:
-    return Location(cfg.storage) / "mapping" / "runs" / cfg.mapping.study
+    return Layout(cfg.storage).runs(cfg.mapping.study)
 
 
 def run_dir(cfg: Config, spec: RunSpec) -> Location:

@@ -300,7 +300,7 @@ def train_loop(config: dict) -> None:
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
                         f"featinv training: the loss is {loss.item()} at step {step + 1} (worker {rank}); stopped. "
-                        f"The last checkpoint stays in {cfg.storage}/featinv/{tr.run_name}. Lower "
+                        f"The last checkpoint stays in {Layout(cfg.storage).featinv_run(tr.run_name)}. Lower "
                         "featinv.training.lr or check the training images and feature maps.")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -395,7 +395,7 @@ def run(cfg: Config) -> TrainSummary:
     backbones.check_weights(backbones.get_spec(request.name), request)
     dataset = training_dataset(cfg)
     tracking.experiment_id(cfg)  # created once by the driver, not raced by workers
-    storage = str(Location(cfg.storage) / "featinv")
+    storage = str(Layout(cfg.storage).featinv_runs)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json")},

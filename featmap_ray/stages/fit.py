@@ -25,7 +25,6 @@ from typing import Any
 
 from featmap_ray.config import Config
 from featmap_ray.io import tables, tracking
-from featmap_ray.io.files import Location
 from featmap_ray.layout import Layout
 from featmap_ray.mapping import artefacts, grid
 from featmap_ray.stages import base
@@ -163,7 +162,7 @@ def tune_run_config(cfg: Config, kind: str, **kwargs):
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return tune.RunConfig(name=f"{cfg.mapping.study}-{kind}-{stamp}",
-                          storage_path=str(Location(cfg.storage) / "mapping" / "tune"), verbose=0, **kwargs)
+                          storage_path=str(Layout(cfg.storage).mapping_tune), verbose=0, **kwargs)
 
 
 def retrain_reason(root: str, plan: train.GroupPlan, run: train.PlannedRun, published: dict[str, Any]) -> str:

@@ -30,6 +30,7 @@ import torch
 from featmap_ray.config import Config, MappingTraining
 from featmap_ray.io import tables, tracking
 from featmap_ray.io.files import Location
+from featmap_ray.layout import Layout
 from featmap_ray.mapping import artefacts, grid
 from featmap_ray.mapping.grid import RunSpec, run_digest
 from featmap_ray.stages import base
@@ -79,7 +80,7 @@ class GroupResult:
 
 
 def train_root(cfg: Config) -> Location:
-    return Location(cfg.storage) / "mapping" / "train"
+    return Layout(cfg.storage).mapping_train
 
 
 def training_settings(cfg: Config, overrides: dict[str, Any] | None = None) -> MappingTraining:

@@ -15,6 +15,7 @@ from typing import Any
 from featmap_ray.config import Config, MappingTraining
 from featmap_ray.io import tables, tracking
 from featmap_ray.io.files import Location
+from featmap_ray.layout import Layout
 from featmap_ray.mapping import artefacts, grid
 from featmap_ray.stages import base
 from featmap_ray.stages import mapping_train as train
@@ -24,7 +25,7 @@ DOMAINS = ("loguniform", "uniform", "choice", "randint", "grid")
 
 
 def sweep_root(cfg: Config) -> Location:
-    return Location(cfg.storage) / "mapping" / "sweeps" / cfg.mapping.study
+    return Layout(cfg.storage).sweeps(cfg.mapping.study)
 
 
 def base_spec(cfg: Config) -> grid.RunSpec:
