@@ -33,12 +33,9 @@ browser:
 
 setup: $(STAMP) $(MOTO_STAMP)
 
+# The whole study on the embedded default, in one process (one Ray), with each stage's wall time at the end.
 demo: setup
-	.venv/bin/featmap pipeline --config conf/demo.yaml
-	.venv/bin/featmap study --config conf/demo.yaml
-	.venv/bin/featmap recon-eval --config conf/demo.yaml
-	.venv/bin/featmap featinv-viz --config conf/demo.yaml
-	.venv/bin/featmap report --config conf/demo.yaml
+	.venv/bin/featmap demo --config conf/demo.yaml
 
 test: setup browser
 	.venv/bin/lint-imports

@@ -55,6 +55,9 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 # stage3 is the stage output before the head's norm (= forward_features, what FeatInv inverts).
 register(BackboneSpec("convnext_base", "convnext_base.fb_in22k_ft_in1k", 288,
                       {f"stage{i}": i for i in range(4)}, ("stage0", "stage1", "stage2", "stage3")))
+# ConvNeXt-atto, the family's smallest member (3.7 M parameters; the demo's backbone), at 224: 40x56x56 ... 320x7x7.
+register(BackboneSpec("convnext_atto", "convnext_atto.d2_in1k", 224,
+                      {f"stage{i}": i for i in range(4)}, ("stage0", "stage1", "stage2", "stage3")))
 # SwinV2-B at 384: 256x48x48, 512x24x24 and the final map after the final LayerNorm, 1024x12x12.
 register(BackboneSpec("swinv2_base", "swinv2_base_window12to24_192to384.ms_in22k_ft_in1k", 384,
                       {"stage1": 1, "stage2": 2, "stage3": 3}, ("stage1", "stage2", "stage3"), norm=True))

@@ -1,4 +1,4 @@
-"""`featmap` command line: `featmap COMMAND [--config FILE] [--overwrite] [key=value ...]`.
+"""`featmap` command line: `featmap COMMAND [--config FILE] [--overwrite] [-v] [key=value ...]`.
 
 Built from the stage registry (`featmap_ray.stages.base.registry()`): every command is a `Stage` that
 declares its help, the config keys it reads, the checks that run before Ray starts or anything is
@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from featmap_ray.config import Config, ConfigError, load_config
-from featmap_ray.stages import base
+from featmap_ray.stages import base, console
 
 log = logging.getLogger("featmap")
 
@@ -69,9 +69,12 @@ def _keys_help(keys: tuple[str, ...]) -> str:
 
 
 CONFIG_HELP = (f"YAML config file (default: {DEFAULT_CONFIG} in the current directory, the embedded demo)")
+VERBOSE_HELP = ("show the logs of Ray, MLflow and the other libraries here as they happen (they always go to "
+                "<storage>/logs/<command>-<timestamp>.log)")
 FOOTER = ("Every command but featinv-import takes --config FILE (default: {default}, relative to the current "
           "directory) and key=value overrides (values parsed as YAML, e.g. extract.batch_size=8), in any order. "
-          "A command checks its config, names and tables before it starts Ray or writes anything. "
+          "A command checks its config, names and tables before it starts Ray or writes anything. It shows "
+          "progress and results; the logs of Ray and the other libraries go to <storage>/logs/ (-v: shown too). "
           "`featmap COMMAND --help` says what a command does and which config keys it reads.")
 
 
@@ -82,7 +85,7 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 def build_parser(stages: dict[str, base.Stage]) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     listing = "\n".join(f"  {name:<16}{stage.summary}" for name, stage in stages.items())
     parser = argparse.ArgumentParser(
-        prog="featmap", usage="featmap COMMAND [--config FILE] [--overwrite] [key=value ...]",
+        prog="featmap", usage="featmap COMMAND [--config FILE] [--overwrite] [-v] [key=value ...]",
         formatter_class=_formatter,
         description=textwrap.fill("The FeatMap / FeatInv study on Ray: image folders -> images -> feature maps "
                                   "-> mapping models -> evaluation -> FeatInv reconstructions, in Lance tables "
@@ -102,6 +105,7 @@ def build_parser(stages: dict[str, base.Stage]) -> tuple[argparse.ArgumentParser
             if stage.starts_ray:
                 sub.add_argument("--overwrite", action="store_true",
                                  help="recompute outputs made by other settings (same as overwrite=true)")
+            sub.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
             sub.add_argument("overrides", nargs="*", metavar="key=value",
                              help="config overrides, values parsed as YAML (e.g. extract.batch_size=8)")
         subparsers[name] = sub
@@ -130,23 +134,36 @@ def command_table(stages: dict[str, base.Stage]) -> str:
     return "\n".join(rows)
 
 
-def run(stage: base.Stage, cfg: Config) -> None:
-    """A stage's checks, then (when it needs it) Ray, its body and what it prints at the end."""
+def run(stage: base.Stage, cfg: Config, out: console.Console | None = None) -> None:
+    """A stage's checks, then (when it needs it) its log file and Ray, its body and what it prints at
+    the end. A Ray this started is shut down here, while `out` still sends what Ray prints on its way
+    out to the log."""
     for check in stage.checks:  # before Ray starts and before anything is written
         check(cfg)
+    started = False
     if stage.starts_ray:
         from featmap_ray.stages import runtime
 
-        runtime.init_ray(cfg)
-    result = stage.run(cfg)
-    if result is not None:
-        print(result, flush=True)
-    if stage.epilogue is not None:
-        print(stage.epilogue(cfg), flush=True)
-    if stage.shows_runs_page:
-        from featmap_ray.io import tracking
+        if out is not None:
+            out.open(cfg.storage)
+        # Ray Train needs the State API of the dashboard; the other commands start Ray without it.
+        trains = runtime.TRAINING & {stage.name, *stage.steps}
+        started = runtime.init_ray(cfg, **({"state_api": True} if trains else {}))
+        if out is not None:
+            out.attach_ray()
+    try:
+        result = stage.run(cfg)
+        if result is not None:
+            print(result, flush=True)
+        if stage.epilogue is not None:
+            print(stage.epilogue(cfg), flush=True)
+        if stage.shows_runs_page:
+            from featmap_ray.io import tracking
 
-        print(tracking.runs_page_line(cfg), flush=True)
+            print(tracking.runs_page_line(cfg), flush=True)
+    finally:
+        if started:
+            runtime.shutdown_ray()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,16 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     if stage.main is not None:  # its own arguments, no config
         return stage.main(subparsers[name].parse_args(argv))
     args = subparsers[name].parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        overrides = [*args.overrides, *(["overwrite=true"] if getattr(args, "overwrite", False) else [])]
-        run(stage, load_config(config_path(args.config), overrides))
-    except ConfigError as e:
-        print(f"featmap: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # named in the message: no traceback needed
-        print(f"featmap {name}: error: {e}", file=sys.stderr)
-        return 1
+    # The console shows progress, summaries, featmap's warnings and errors; the libraries' logs go to
+    # the command's log file (-v: here as well). README: Running commands.
+    with console.Console(name, verbose=args.verbose, logs=stage.starts_ray) as out:
+        try:
+            overrides = [*args.overrides, *(["overwrite=true"] if getattr(args, "overwrite", False) else [])]
+            run(stage, load_config(config_path(args.config), overrides), out)
+        except ConfigError as e:
+            print(f"featmap: {e}", file=sys.stderr)
+            return 2
+        except (FileNotFoundError, ValueError, RuntimeError) as e:  # named in the message: no traceback needed
+            print(f"featmap {name}: error: {e}", file=sys.stderr)
+            if out.path is not None:
+                print(f"featmap {name}: the libraries' logs are in {out.path}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -351,6 +351,9 @@ class FeatInvSampling(_Strict):
 
 class FeatInvTraining(_Strict):
     run_name: str = Field("featinv", pattern=r"^[A-Za-z0-9_.-]+$")  # checkpoints in <storage>/featinv/<run_name>
+    # The ControlNet the run starts from: a folder or an MLflow model URI to fine-tune; None = fresh from the
+    # base UNet. (featinv.controlnet is the model the other commands use: it may name this run's output.)
+    init_from: str | None = None
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     batch_size: int = Field(8, ge=1)  # per worker
@@ -374,6 +377,32 @@ class FeatInvTraining(_Strict):
     seed: int = 0
     # The MLflow registered model that receives the final ControlNet of every run; None = featinv-<backbone>-<layer>.
     registered_model: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class FeatInvBaseTraining(_Strict):
+    """`featinv.base_model: trained`: the tiny Stable Diffusion base that `featmap featinv-train` first trains on
+    the stored images (README: FeatInv on a CPU), for machines that cannot download a pretrained one. The
+    VAE learns to reconstruct the images (MSE + kl_weight·KL), then the UNet to denoise their latents (the
+    ControlNet recipe's loss, without a ControlNet). Images, split and variants are featinv.training's."""
+
+    image_size: int = Field(64, ge=16)  # generated images are image_size × image_size
+    latent_size: int = Field(8, ge=4)  # the latent grid; image_size / latent_size must be a power of two
+    vae_width: int = Field(16, ge=8, multiple_of=8)  # channels of the VAE's first block (the others double once)
+    vae_steps: int = Field(200, ge=1)
+    unet_steps: int = Field(500, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, ge=1)  # per worker
+    kl_weight: float = Field(1e-6, ge=0)
+    text_dropout: float = Field(0.1, ge=0, le=1)  # the prompt -> "" (what classifier-free guidance samples against)
+    seed: int = 0  # initial weights and every training draw
+
+    @model_validator(mode="after")
+    def _power_of_two_factor(self) -> FeatInvBaseTraining:
+        factor = self.image_size // self.latent_size
+        if self.image_size % self.latent_size or factor < 2 or factor & (factor - 1):
+            raise ValueError(f"image_size / latent_size must be a power of two >= 2, got {self.image_size} / "
+                             f"{self.latent_size}")
+        return self
 
 
 class FeatInvEval(_Strict):
@@ -413,8 +442,9 @@ class FeatInvViz(_Strict):
 class FeatInvConfig(_Strict):
     backbone: str | None = None  # the name of an extract.backbones entry (its weights are used); None = the first
     layer: str | None = None  # None = that entry's last layer
-    # Stable Diffusion 1.x in diffusers layout: a local folder or a hub id in the local HF cache,
-    # or "tiny" for random tiny models (tests and demos only).
+    # Stable Diffusion 1.x in diffusers layout: a local folder or a hub id in the local HF cache; "tiny" for
+    # random tiny models (tests only); "trained" for the tiny base `featmap featinv-train` trains on this
+    # store first (featinv.base_training; <storage>/featinv/<run_name>/base).
     base_model: str = "lambdalabs/miniSD-diffusers"
     # A trained FeatInv ControlNet: a folder (local or object store), runs:/<run_id>/<path>,
     # models:/<name>/<version> or models:/<name>@<alias>; None = fresh from the base UNet.
@@ -423,6 +453,7 @@ class FeatInvConfig(_Strict):
     encoder_hidden_channels: int = Field(512, ge=1)  # width of the feature encoder (reference 512)
     sampling: FeatInvSampling = FeatInvSampling()
     training: FeatInvTraining = FeatInvTraining()
+    base_training: FeatInvBaseTraining = FeatInvBaseTraining()
     eval: FeatInvEval = FeatInvEval()
     viz: FeatInvViz = FeatInvViz()
 

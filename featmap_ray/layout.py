@@ -11,8 +11,8 @@
     results/<study>/<name>.lance                  evaluate / analyze / recon-eval tables
     results/<study>/featinv_viz/                  FeatInv-Viz outputs, versioned
     reports/<study>/                              report.md and its figures, versioned
-    featinv/<run name>/                           FeatInv training checkpoints and the final ControlNet
-                                                  (controlnet/, versioned)
+    featinv/<run name>/                           FeatInv training checkpoints, the final ControlNet
+                                                  (controlnet/, versioned) and a trained tiny base (base/)
     sources/<name>/                               the embedded demo's photographs, unpacked
     logs/                                         the library logs of each command (Ray, MLflow, ...)
     mlflow.db                                     the default MLflow store of a local root
@@ -124,6 +124,11 @@ class Layout:
     def featinv_controlnet(self, run_name: str) -> Location:
         """The final ControlNet of a FeatInv training run (a versioned folder: featmap_ray.io.files)."""
         return self.featinv_run(run_name) / "controlnet"
+
+    def featinv_base(self, run_name: str) -> Location:
+        """The tiny Stable Diffusion base a FeatInv training run trained first (`featinv.base_model: trained`;
+        a versioned folder in diffusers layout)."""
+        return self.featinv_run(run_name) / "base"
 
     def sources(self, name: str) -> Location:
         return self.location / "sources" / name

@@ -45,6 +45,7 @@ def common_overrides(storage: str, root: str) -> list[str]:
         f"extract.backbones={json.dumps([tiny_backbone('convnext_base', layers=['stage3'])])}",
         "manipulate.ops={hue_shift: [60], rotation: [90]}",
         f"mapping.study={STUDY}",
+        "mapping.targets=[{backbone: convnext_base, layers: [stage3], normalise: false}]",
         f"mapping.datasets={{{DATASET}: {{direct: {{manipulations: [hue_shift_60], models: [linear]}}}}}}",
         "mapping.training.max_epochs=3", "mapping.training.batch_size=4",
         "evaluate.truncation_ranks=[1, 4]", "evaluate.analysis_samples=4",
@@ -277,8 +278,8 @@ def test_pipeline_tables_are_in_the_bucket(cluster, pipeline_job):
     objects = cluster.objects("featmap")
     tables = {o.split(".lance/")[0] + ".lance" for o in objects if ".lance/" in o}
     assert {"images.lance", "features/convnext_base/stage3.lance"} <= tables, objects
-    assert not [o for o in objects if ".lance/" not in o and not o.startswith(("mapping/", "results/", "reports/"))], (
-        objects)
+    assert not [o for o in objects if ".lance/" not in o
+                and not o.startswith(("mapping/", "results/", "reports/", "logs/"))], objects
 
 
 def test_pipeline_equals_a_single_node_run(cluster, pipeline_job, reference):

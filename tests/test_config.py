@@ -15,7 +15,11 @@ BASE = "dataset: {name: d, root: /data}\n"
 def test_demo_config_loads_and_resolves_storage():
     cfg = load_config("conf/demo.yaml")
     assert cfg.storage.startswith("/")
-    assert [m.name for m in cfg.manipulate.manipulations()][:3] == ["rotation_90", "rotation_180", "rotation_270"]
+    made = {m.name for m in cfg.manipulate.manipulations()}
+    assert [m.name for m in cfg.manipulate.manipulations()][:2] == ["rotation_90", "mirror_h"]
+    # Every direct manipulation the demo's study fits is one the demo makes.
+    studied = {name for group in cfg.mapping.datasets["skimage_demo"].values() for name in group.manipulations}
+    assert {name for name in studied if not name.startswith("qwen:")} <= made
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from featmap_ray.evaluation import report
+from featmap_ray.config import BackboneRequest, Config
+from featmap_ray.evaluation import model_weights, report
 
 
 def assert_png(path, min_side=200):
@@ -118,3 +119,111 @@ def test_markdown_table_and_summary(tmp_path, evals):
     assert f"![{name}](plots/{name}.png)" in text
     csv = pd.read_csv(tmp_path / "cos_median_stage3.csv", index_col="model")
     np.testing.assert_allclose(csv.to_numpy(), pivot.to_numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# The Models box and the random-weights caveats: derived from the config, shown where they apply.
+
+def demo_like(storage, pretrained: bool = False, **featinv) -> Config:
+    """The demo's models: random backbone, judge and editor, tiny FeatInv base, fresh ControlNet;
+    `pretrained` marks the backbone and judge pretrained instead (nothing is loaded here)."""
+    backbone = {"name": "convnext_base", "layers": ["stage2", "stage3"], "pretrained": pretrained, "init_seed": 3}
+    return Config.model_validate({
+        "storage": str(storage), "dataset": {"name": "t", "root": str(storage)}, "mapping": {"study": "s"},
+        "extract": {"backbones": [backbone]}, "edit": {"model": "tiny"},
+        "evaluate": {"reconstruction": {"judge": {"name": "convnext_base", "pretrained": pretrained}}},
+        "featinv": {"base_model": "tiny", **featinv}})
+
+
+def test_model_weights_name_where_each_model_comes_from(tmp_path):
+    demo = model_weights.model_weights(demo_like(tmp_path))
+    words = {key: m.weights for key, m in demo.items()}
+    assert words == {
+        "backbone:convnext_base": "random weights (initialised with seed 3)",
+        "classifier:convnext_base": "random weights (initialised with seed 3)",  # the backbone's own head
+        "editor": "random weights (initialised with seed 0: a tiny QwenImageEditPlusPipeline)",
+        "featinv.base_model": "random weights (initialised with seed 0: tiny Stable Diffusion parts)",
+        "featinv.controlnet": "random weights (initialised with seed 0: a fresh ControlNet from the base UNet)",
+        "judge": "random weights (initialised with seed 0)"}
+    assert all(m.random for m in demo.values())
+    assert demo["classifier:convnext_base"].setting == "extract.backbones[0] (its head)"
+
+    trained = demo_like(tmp_path, pretrained=True, base_model="trained", controlnet=str(tmp_path / "controlnet"))
+    trained.edit.model = "Qwen/Qwen-Image-Edit-2511"
+    trained.evaluate.classifier = BackboneRequest(name="convnext_base", checkpoint="/w/fine_tuned.safetensors")
+    models = model_weights.model_weights(trained, {"weights": "ab12", "run_name": "featinv", "step": 400})
+    assert {key: m.weights for key, m in models.items()} == {
+        "backbone:convnext_base": "pretrained (convnext_base.fb_in22k_ft_in1k)",
+        "classifier:convnext_base": "pretrained (/w/fine_tuned.safetensors)",
+        "editor": "pretrained (Qwen/Qwen-Image-Edit-2511)",
+        "featinv.base_model": "trained by this study: featinv-train run featinv trained a tiny Stable Diffusion base "
+                              "on the stored images (VAE, then UNet)",
+        "featinv.controlnet": "trained by this study: featinv-train run featinv, step 400",
+        "judge": "pretrained (convnext_base.fb_in22k_ft_in1k)"}
+    assert not any(m.random for m in models.values()) and models["classifier:convnext_base"].setting == "evaluate.classifier"
+    imported = model_weights.model_weights(trained, {"weights": "ab12"})["featinv.controlnet"]  # no featinv-train run
+    assert imported.weights == f"pretrained ({tmp_path / 'controlnet'}, weights ab12)" and not imported.random
+
+
+def test_caveat_names_only_the_random_models(tmp_path):
+    demo = model_weights.model_weights(demo_like(tmp_path))
+    line = model_weights.caveat([demo["featinv.base_model"], demo["judge"]])
+    assert line == ("**Random weights** (Models, above): FeatInv base model: FeatInv's images come from an untrained "
+                    "diffusion model; recon-eval judge (convnext_base stage3): its feature cosines compare an untrained "
+                    "network's features.")
+    pretrained = model_weights.model_weights(demo_like(tmp_path, pretrained=True))
+    assert model_weights.caveat([pretrained["backbone:convnext_base"], pretrained["judge"]]) is None
+
+
+def write_evaluations(cfg: Config) -> None:
+    """An evaluations table like `featmap evaluate`'s: stage2 with a direct manipulation only, stage3 also
+    with a semantic edit."""
+    from featmap_ray.stages.evaluate import write_results
+
+    rows = [{"run": f"{layer}-{m}-{model}", "dataset": "t", "backbone": "convnext_base", "layer": layer, "model": model,
+             "manipulation": m, "family": family, "cos_median_upper": 0.5, "agree_top1_orig_mapped": 1.0}
+            for layer, m, family in (("stage2", "rotation_90", "geometric"), ("stage3", "rotation_90", "geometric"),
+                                     ("stage3", "qwen:Add_snow:0", "semantic"))
+            for model in ("linear", "mlp")]
+    write_results(cfg, "evaluations", pd.DataFrame(rows), {})
+
+
+def sections(text: str) -> dict[str, str]:
+    """report.md's sections: heading -> body."""
+    return {part.split("\n", 1)[0]: part.split("\n", 1)[1] for part in text.split("\n## ")[1:]}
+
+
+def test_report_opens_with_its_models_and_flags_sections_of_random_ones(tmp_path):
+    from featmap_ray.stages.report import write_report
+
+    cfg = demo_like(tmp_path)
+    write_evaluations(cfg)
+    write_report(cfg, tmp_path / "random")
+    text = (tmp_path / "random" / "report.md").read_text()
+    assert text.startswith("# FeatMap study s\n\n## Models\n")
+    found = sections(text)
+    assert found["Models"].splitlines()[3:] == [
+        "| model | setting | weights |", "|---|---|---|",
+        "| backbone convnext_base | extract.backbones[0] | random weights (initialised with seed 3) |",
+        "| classifier of convnext_base features | extract.backbones[0] (its head) | random weights (initialised with seed 3) |",
+        "| semantic editor | edit.model | random weights (initialised with seed 0: a tiny QwenImageEditPlusPipeline) |"]
+    backbone, classifier, editor = (m.consequence for m in model_weights.model_weights(cfg).values()
+                                    if m.role in ("backbone convnext_base", "classifier of convnext_base features",
+                                                  "semantic editor"))
+    caveat = {heading: body.split("\n")[1] for heading, body in found.items() if heading != "Models"}
+    assert backbone in caveat["cos_median_upper convnext_base/stage2"]
+    assert editor not in caveat["cos_median_upper convnext_base/stage2"]  # no semantic edit in that table
+    assert backbone in caveat["cos_median_upper convnext_base/stage3"] and editor in caveat["cos_median_upper convnext_base/stage3"]
+    assert classifier in caveat["top-1 agreement convnext_base/stage2"]
+    assert classifier not in caveat["cos_median_upper convnext_base/stage3"]
+    assert all(line.startswith("**Random weights** (Models, above): ") for line in caveat.values())
+
+    # A pretrained backbone: the sections without a semantic edit carry no caveat; those with one name only the editor.
+    cfg = demo_like(tmp_path, pretrained=True)
+    write_report(cfg, tmp_path / "pretrained")
+    found = sections((tmp_path / "pretrained" / "report.md").read_text())
+    assert "| backbone convnext_base | extract.backbones[0] | pretrained (convnext_base.fb_in22k_ft_in1k) |" in found["Models"]
+    assert found["cos_median_upper convnext_base/stage2"].startswith("\n| model |")
+    assert found["top-1 agreement convnext_base/stage2"].startswith("\n| model |")
+    stage3 = found["cos_median_upper convnext_base/stage3"].split("\n")[1]
+    assert stage3 == f"**Random weights** (Models, above): semantic editor: {editor}."

@@ -266,10 +266,12 @@ def test_a_model_folder_is_registered_and_found_again_by_its_uris(tmp_path, requ
         local = Path(tracking.download_model(cfg, source, str(tmp_path / f"download{i}")))
         assert {p.name: p.read_bytes() for p in local.iterdir()} == files
     assert str(tracking.model_source(cfg, "models:/featinv-t@best")) == f"models:/featinv-t/1 (MLflow run {run_id})"
+    assert tracking.model_source(cfg, "models:/featinv-t/latest").registered == "models:/featinv-t/2"  # the highest
     plain = tracking.model_source(cfg, "s3://bucket/cn")  # a folder: nothing to look up
     assert (str(plain), plain.artifact_uri, plain.run_id) == ("s3://bucket/cn", "s3://bucket/cn", None)
 
-    for uri, message in [("models:/nope/1", "nope"), ("models:/featinv-t/9", "version=9"),
+    for uri, message in [("models:/nope/1", "nope"), ("models:/nope/latest", "'nope' has no version"),
+                         ("models:/featinv-t/9", "version=9"),
                          ("models:/featinv-t@worst", "alias worst"), (f"runs:/{'0' * 32}/cn", "0" * 32),
                          (f"runs:/{run_id}/nothere", "no artefacts under 'nothere'")]:
         with pytest.raises(tracking.ModelNotFound, match=message) as err:

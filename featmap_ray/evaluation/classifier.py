@@ -14,6 +14,17 @@ from scipy.stats import entropy
 from torch import nn
 
 from featmap_ray.backbones import BackboneSpec
+from featmap_ray.config import BackboneRequest, Config
+
+
+def classifier_request(cfg: Config, backbone: str) -> BackboneRequest:
+    """The classifier for a backbone's features: evaluate.classifier, else the extracted backbone."""
+    if cfg.evaluate.classifier is not None and cfg.evaluate.classifier.name == backbone:
+        return cfg.evaluate.classifier
+    for request in cfg.extract.backbones:
+        if request.name == backbone:
+            return request
+    return BackboneRequest(name=backbone)
 
 
 class ClassifierUnavailable(ValueError):

@@ -253,20 +253,27 @@ def markdown_table(df: pd.DataFrame, columns: Sequence[str] | None = None, index
 
 
 def write_summary(tables: Mapping[str, pd.DataFrame], out_path: Path | str,
-                  figures: Mapping[str, Sequence[Path | str]] | None = None, title: str = "FeatMap report") -> Path:
-    """Write out_path (e.g. report.md): one section per table (heading = key), then one section
-    per figure list with the images linked relative to the report. Each table is also written
-    next to it as <safe key>.csv."""
+                  figures: Mapping[str, Sequence[Path | str]] | None = None, title: str = "FeatMap report",
+                  intro: str = "", notes: Mapping[str, str] | None = None) -> Path:
+    """Write out_path (e.g. report.md): `intro` (markdown) under the title, then one section per table
+    (heading = key), then one section per figure list with the images linked relative to the report; a
+    section whose heading `notes` has opens with that line. Each table is also written next to it as
+    <safe key>.csv."""
     if not tables:
         raise ValueError("write_summary: expected at least one table, got none")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    parts = [f"# {title}\n"]
+    notes = notes or {}
+    parts = [f"# {title}\n"] + ([intro] if intro else [])
+
+    def heading(key: str) -> str:
+        return f"## {key}\n\n" + (f"{notes[key]}\n\n" if key in notes else "")
+
     for key, table in tables.items():
-        parts.append(f"## {key}\n\n{markdown_table(table)}")
+        parts.append(heading(key) + markdown_table(table))
         table.to_csv(out_path.parent / f"{safe_name(key)}.csv", index=not isinstance(table.index, pd.RangeIndex))
     for key, paths in (figures or {}).items():
         links = [f"![{Path(p).stem}]({Path(os.path.relpath(p, out_path.parent)).as_posix()})" for p in paths]
-        parts.append(f"## {key}\n\n" + "\n".join(links) + "\n")
+        parts.append(heading(key) + "\n".join(links) + "\n")
     out_path.write_text("\n".join(parts))
     return out_path

@@ -52,13 +52,25 @@ def stored_views(st: tables.Store, keys: Iterable[tuple[str, str]], size: int) -
 def check_featinv(cfg: Config) -> None:
     """Before any FeatInv command starts Ray: the backbone and layer FeatInv inverts and their weights, the
     ControlNet's source (featinv.controlnet as a folder, runs:/ or models:/) and the Stable Diffusion base model."""
+    check_sources(cfg, cfg.featinv.controlnet, base_must_exist=True)
+
+
+def check_sources(cfg: Config, controlnet: str | None, base_must_exist: bool) -> None:
+    """The backbone FeatInv inverts and its weights, the ControlNet at `controlnet` (None: a fresh one) and the
+    base model (`trained`: its folder, unless `base_must_exist` is False: featinv-train makes it)."""
     from featmap_ray.io import tracking
 
     request, _ = featinv_backbone(cfg)
     backbones.check_weights(backbones.get_spec(request.name), request)
-    if cfg.featinv.controlnet:
-        tracking.model_source(cfg, cfg.featinv.controlnet)  # ModelNotFound (a FileNotFoundError) names what is missing
-    if cfg.featinv.base_model != "tiny":
-        from featmap_ray.featinv import loading  # imports diffusers: after the cheap checks
+    if controlnet:
+        tracking.model_source(cfg, controlnet)  # ModelNotFound (a FileNotFoundError) names what is missing
+    if cfg.featinv.base_model == "tiny" or (cfg.featinv.base_model == "trained" and not base_must_exist):
+        return
+    from featmap_ray.featinv import loading  # imports diffusers: after the cheap checks
 
+    if cfg.featinv.base_model == "trained":
+        if loading.trained_base(cfg).current() is None:
+            raise FileNotFoundError(f"featinv.base_model is 'trained', but no base model was trained at "
+                                    f"{loading.trained_base(cfg)}: run `featmap featinv-train` first")
+    else:
         loading.resolve_base_dir(cfg.featinv.base_model, local_files_only=True)

@@ -6,7 +6,8 @@ A ControlNet folder is named by a digest of its files. The folders `featmap feat
 holds this digest, the training's provenance and its step, so a reader names a model without
 downloading its weights; a folder without one is downloaded and hashed. An MLflow URI also records
 the version and run it resolved to. The base model (tens of GB) is named by `pretrained.weights_identity`
-("tiny": the random test models, the same everywhere).
+("tiny": the random test models, the same everywhere; "trained": the manifest of the base featinv-train
+trained on the store).
 """
 
 from __future__ import annotations
@@ -94,12 +95,19 @@ def controlnet_identity(cfg: Config, where: str | None) -> str:
     return words
 
 
-def base_identity(name: str) -> str:
-    """The Stable Diffusion base model `name` (featinv.base_model): which weights it resolves to."""
+def base_identity(cfg: Config) -> str:
+    """The Stable Diffusion base model of featinv.base_model: which weights it resolves to."""
+    name = cfg.featinv.base_model
     if name == "tiny":  # random tiny models from configs, seed 0
         return name
-    from featmap_ray.featinv.loading import resolve_base_dir
+    from featmap_ray.featinv.loading import resolve_base_dir, trained_base
 
+    if name == "trained":  # its manifest names its weights, as a trained ControlNet's does
+        manifest = trained_base(cfg).resolved() / MANIFEST
+        if not manifest.exists():
+            return f"trained: none yet at {trained_base(cfg)}"
+        made = manifest.read_json()
+        return f"trained: weights {made['weights']}, featinv-train run {made['run_name']} (base)"
     return pretrained.weights_identity(resolve_base_dir(name, local_files_only=True))
 
 
@@ -107,7 +115,7 @@ def model_identity(cfg: Config, controlnet: str | None = None) -> dict[str, str]
     """Settings that name the FeatInv model of the config: the ControlNet at `controlnet` or
     featinv.controlnet, and the base model."""
     return {"featinv.controlnet": controlnet_identity(cfg, controlnet or cfg.featinv.controlnet),
-            "featinv.base_model": base_identity(cfg.featinv.base_model)}
+            "featinv.base_model": base_identity(cfg)}
 
 
 def sampler_settings(cfg: Config) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from featmap_ray.featinv.model import FeatInvControlNetModel, ddim_scheduler
 from featmap_ray.featinv.pipeline import FeatInvPipeline
 from featmap_ray.io import tracking
 from featmap_ray.io.files import Location
+from featmap_ray.layout import Layout
 
 BASE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "unet")
 DEFAULT_BASE = "lambdalabs/miniSD-diffusers"
@@ -119,26 +120,56 @@ def random_base_components(*, unet: dict, vae: dict, text_encoder: dict, seed: i
     return vae_model, text_model, tokenizer, unet_model
 
 
-def tiny_base_components(seed: int = 0, sample_size: int = 8, cross_attention_dim: int = 32) -> BaseComponents:
-    """Tiny SD-1.x-shaped random models (latent 4×8×8, images 16×16) for tests, demos and benchmarks."""
+def tiny_base_components(seed: int = 0, sample_size: int = 8, cross_attention_dim: int = 32, image_size: int | None = None,
+                         vae_width: int = 32) -> BaseComponents:
+    """Tiny SD-1.x-shaped random models for tests, demos and benchmarks: latent 4×sample_size², images
+    image_size² (default twice the latent side); the VAE has one block per halving, vae_width channels in
+    its first and twice that in the others."""
+    image_size = image_size or 2 * sample_size
+    halvings = (image_size // sample_size).bit_length() - 1
+    vae_blocks = (vae_width,) + (2 * vae_width,) * halvings
     unet = dict(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
                 block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
                 cross_attention_dim=cross_attention_dim, norm_num_groups=32)
-    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-               norm_num_groups=32, sample_size=2 * sample_size)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_blocks, layers_per_block=1,
+               down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+               up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
+               norm_num_groups=32 if vae_width % 32 == 0 else 8, sample_size=image_size)
     text_encoder = dict(hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
                         num_hidden_layers=2, num_attention_heads=4, projection_dim=cross_attention_dim)
     return random_base_components(unet=unet, vae=vae, text_encoder=text_encoder, seed=seed)
 
 
+def untrained_base(cfg: Config) -> BaseComponents:
+    """The random tiny base that `featinv.base_model: trained` starts from (featinv.base_training)."""
+    bt = cfg.featinv.base_training
+    return tiny_base_components(seed=bt.seed, sample_size=bt.latent_size, image_size=bt.image_size,
+                                vae_width=bt.vae_width)
+
+
 # ---------------------------------------------------------------------------------------------
 # From the configuration to the model (the reconstruct and training jobs).
 
-def base_components(name: str) -> BaseComponents:
-    """(vae, text_encoder, tokenizer, unet): random tiny models for "tiny", else Stable Diffusion at `name`."""
-    return tiny_base_components(seed=0) if name == "tiny" else load_base_components(name)
+def trained_base(cfg: Config) -> Location:
+    """Where `featinv.base_model: trained` is: the base featinv-train trains first for run featinv.training.run_name."""
+    return Layout(cfg.storage).featinv_base(cfg.featinv.training.run_name)
+
+
+def base_components(cfg: Config) -> BaseComponents:
+    """(vae, text_encoder, tokenizer, unet) of featinv.base_model: random tiny models for "tiny", the tiny base
+    trained on this store for "trained", else Stable Diffusion at that folder or hub id."""
+    name = cfg.featinv.base_model
+    if name == "tiny":
+        return tiny_base_components(seed=0)
+    if name == "trained":
+        folder = trained_base(cfg)
+        if folder.current() is None:
+            raise FileNotFoundError(f"featinv.base_model is 'trained', but no base model was trained at {folder}: "
+                                    "run `featmap featinv-train` first (it trains the base, then the ControlNet)")
+        with folder.resolved().local_copy() as local:
+            return load_base_components(local)
+    return load_base_components(name)
 
 
 @contextlib.contextmanager
@@ -158,11 +189,16 @@ def local_folder(cfg: Config, source: tracking.ModelSource) -> Iterator[str]:
 def featinv_pipeline(cfg: Config, controlnet: str | None = None) -> FeatInvPipeline:
     """The FeatInv model of the config: the ControlNet at `controlnet` or `featinv.controlnet` (a folder or
     an MLflow model URI; the pipeline's `source` says where it came from), else a fresh one made from
-    the base UNet (seeded: every worker and actor builds the same)."""
+    the base UNet."""
+    return featinv_model(cfg, controlnet or cfg.featinv.controlnet)
+
+
+def featinv_model(cfg: Config, where: str | None) -> FeatInvPipeline:
+    """The base model of the config with the ControlNet at `where`, or a fresh one made from the base UNet
+    when `where` is None (seeded: every worker and actor builds the same)."""
     fi = cfg.featinv
     request, layer = featinv_backbone(cfg)
-    base = base_components(fi.base_model)
-    where = controlnet or fi.controlnet
+    base = base_components(cfg)
     if where:
         source = tracking.model_source(cfg, where)
         with local_folder(cfg, source) as local:

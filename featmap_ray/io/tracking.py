@@ -445,7 +445,7 @@ def finish_child_run(client, run_id: str, metrics: dict[str, float], artefacts: 
 # -- models: weight folders logged to runs and registered -------------------------------------------
 
 MODEL_URI = re.compile(r"^(?:runs:/(?P<run>[^/]+)/(?P<path>.+)|"
-                       r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+)))$")
+                       r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w-]+)))$")
 
 
 class ModelNotFound(FileNotFoundError):
@@ -475,8 +475,8 @@ class ModelSource:
 
 
 def model_source(cfg: Config, uri: str) -> ModelSource:
-    """Resolve a folder, `runs:/<run_id>/<path>`, `models:/<name>/<version>` or `models:/<name>@<alias>`
-    without downloading anything; an MLflow URI whose run, artefacts or model version do not exist
+    """Resolve a folder, `runs:/<run_id>/<path>`, `models:/<name>/<version>` (or `/latest`: the highest version)
+    or `models:/<name>@<alias>` without downloading anything; an MLflow URI whose run, artefacts or model version do not exist
     raises ModelNotFound."""
     from mlflow.exceptions import MlflowException
 
@@ -498,8 +498,15 @@ def model_source(cfg: Config, uri: str) -> ModelSource:
                                     f"(MLflow at {where})")
             return ModelSource(uri, uri, match["run"])
         name = match["name"]
-        version = (client.get_model_version(name, match["version"]) if match["version"]
-                   else client.get_model_version_by_alias(name, match["alias"]))
+        if match["version"] == "latest":  # MLflow's meaning: the highest version number
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ModelNotFound(f"{uri}: the registered model {name!r} has no version (MLflow at {where})")
+            version = max(versions, key=lambda v: int(v.version))
+        elif match["version"]:
+            version = client.get_model_version(name, match["version"])
+        else:
+            version = client.get_model_version_by_alias(name, match["alias"])
         download = client.get_model_version_download_uri(name, version.version)
         return ModelSource(uri, download, version.run_id, f"models:/{name}/{version.version}")
     except MlflowException as e:

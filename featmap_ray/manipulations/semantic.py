@@ -28,6 +28,7 @@ from featmap_ray.config import EditConfig
 DEFAULT_MODEL = "Qwen/Qwen-Image-Edit-2511"
 TINY = "tiny"
 TINY_PIPELINE = "QwenImageEditPlusPipeline"
+TINY_SEED = 0  # the random weights of the "tiny" pipeline
 # The call signature the stage relies on (QwenImageEditPlusPipeline, QwenImageEditPipeline and editors like them).
 CALL_PARAMETERS = ("image", "prompt", "negative_prompt", "true_cfg_scale", "num_inference_steps", "guidance_scale",
                    "generator")
@@ -107,7 +108,7 @@ def check(edit: EditConfig) -> str:
     return name
 
 
-def tiny_pipeline(pipeline_class: str = TINY_PIPELINE, seed: int = 0):
+def tiny_pipeline(pipeline_class: str = TINY_PIPELINE, seed: int = TINY_SEED):
     """A Qwen image-editing pipeline of the real classes with tiny random parts, built offline: the
     transformer, VAE and text encoder from small configs (as diffusers' own tests build them), a
     Qwen2 tokenizer with a byte-level vocabulary plus Qwen's special tokens, and the Qwen2-VL processor."""

@@ -41,7 +41,7 @@ from featmap_ray.layout import Layout
 
 # The commands, in the order `featmap --help` lists them; each is the module `stages/<name>.py`
 # (dashes as underscores) holding a `STAGE`.
-COMMANDS = ("ingest", "manipulate", "edit", "extract", "pipeline", "fit", "sweep", "evaluate", "analyze", "report",
+COMMANDS = ("demo", "ingest", "manipulate", "edit", "extract", "pipeline", "fit", "sweep", "evaluate", "analyze", "report",
             "study", "featinv-train", "reconstruct", "recon-eval", "featinv-viz", "serve", "featinv-import", "info",
             "status")
 

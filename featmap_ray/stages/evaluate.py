@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from featmap_ray.config import BackboneRequest, Config
+from featmap_ray.config import Config
 from featmap_ray.io import tables, tracking
 from featmap_ray.layout import Layout
 from featmap_ray.stages import base
@@ -111,16 +111,6 @@ def read_results(cfg: Config, name: str) -> pd.DataFrame:
     return table.to_table().to_pandas()
 
 
-def classifier_request(cfg: Config, backbone: str) -> BackboneRequest:
-    """The classifier for a backbone's features: evaluate.classifier, else the extracted backbone."""
-    if cfg.evaluate.classifier is not None and cfg.evaluate.classifier.name == backbone:
-        return cfg.evaluate.classifier
-    for request in cfg.extract.backbones:
-        if request.name == backbone:
-            return request
-    return BackboneRequest(name=backbone)
-
-
 def _test_tensors(cfg: Config, dataset: str, backbone: str, layer: str, manipulation: str):
     """(x, y, labels) of the held-out pairs, a seeded subset of at most evaluate.max_pairs."""
     from featmap_ray.stages import pairs as data
@@ -190,7 +180,7 @@ def _evaluate_group(cfg: Config, group: tuple[str, str, str, str], run_dirs: lis
     """Every model of one (dataset, backbone, layer, manipulation) on the same held-out pairs, on
     the GPU when the task was given one."""
     from featmap_ray import backbones
-    from featmap_ray.evaluation.classifier import ClassifierUnavailable, classifier_tail
+    from featmap_ray.evaluation.classifier import ClassifierUnavailable, classifier_request, classifier_tail
     from featmap_ray.mapping.artefacts import load_run
     from featmap_ray.mapping.models import build_model, is_geometric
 

@@ -27,7 +27,7 @@ from featmap_ray.config import Config
 from featmap_ray.io import tables, tracking
 from featmap_ray.layout import Layout
 from featmap_ray.mapping import artefacts, grid
-from featmap_ray.stages import base
+from featmap_ray.stages import base, runtime
 from featmap_ray.stages import mapping_train as train
 
 # Why a published run is trained again (besides mapping.refit, which retrains every run).
@@ -155,14 +155,42 @@ def max_concurrent(cfg: Config) -> int:
     return max(1, bound)
 
 
-def tune_run_config(cfg: Config, kind: str, **kwargs):
+def trial_bar(desc: str, total: int | None, unit: str):
+    """A Tune callback drawing one progress bar of finished trials in the driver (Tune itself runs
+    with verbose=0); on a terminal only, like Ray Data's bars."""
+    from ray import tune
+
+    class TrialBar(tune.Callback):
+        def __init__(self):
+            self.bar = None  # made in setup: the run config (with its callbacks) is pickled before
+
+        def setup(self, **info):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, disable=None)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.bar.update(1)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.bar.update(1)
+
+        def on_experiment_end(self, trials, **info):
+            self.bar.close()
+
+    return TrialBar()
+
+
+def tune_run_config(cfg: Config, kind: str, bar: tuple[int | None, str] = (None, "trial"), **kwargs):
     """A fresh, time-stamped Tune experiment under <storage>/mapping/tune (resumption is per group,
-    through Ray Train checkpoints, so Tune's own experiment state is never restored)."""
+    through Ray Train checkpoints, so Tune's own experiment state is never restored), with a
+    progress bar of its trials (`bar`: their number if known, and what a trial is)."""
     from ray import tune
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return tune.RunConfig(name=f"{cfg.mapping.study}-{kind}-{stamp}",
-                          storage_path=str(Layout(cfg.storage).mapping_tune), verbose=0, **kwargs)
+                          storage_path=str(Layout(cfg.storage).mapping_tune), verbose=0,
+                          callbacks=[trial_bar(f"{kind} {cfg.mapping.study}", *bar)], **kwargs)
 
 
 def retrain_reason(root: str, plan: train.GroupPlan, run: train.PlannedRun, published: dict[str, Any]) -> str:
@@ -234,11 +262,12 @@ def run_study(cfg: Config) -> StudySummary:
                                            for p in plans]) as parent:
         trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)), plans=plans,
                                          cfg_data=cfg.model_dump(mode="json"), parent=parent)
+        runtime.start_autoscaling_coordinator()  # before the trials' Train controllers ask it
         tuner = tune.Tuner(
             trainable,
             param_space={"group": tune.grid_search(list(range(len(plans))))},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg)),
-            run_config=tune_run_config(cfg, "fit",
+            run_config=tune_run_config(cfg, "fit", bar=(len(plans), "group"),
                                        failure_config=tune.FailureConfig(max_failures=cfg.mapping.resources.max_failures)),
         )
         for result in tuner.fit():

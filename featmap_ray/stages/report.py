@@ -7,14 +7,21 @@ mapping runs that changed since (retrained, or stale: fitted on features that ch
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from featmap_ray.config import Config
 from featmap_ray.io import imageio, tables, tracking
 from featmap_ray.io.files import Location
 from featmap_ray.layout import Layout
-from featmap_ray.stages import analyze, base
+from featmap_ray.stages import analyze, base, edit
 from featmap_ray.stages.evaluate import read_results, results_staleness, results_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from featmap_ray.evaluation.model_weights import ModelWeights
 
 # The results tables of mapping runs the report shows (each records the runs it was computed from).
 REPORTED = ("evaluations", *analyze.TABLES)
@@ -35,36 +42,106 @@ def run_report(cfg: Config) -> Location:
 
 def write_report(cfg: Config, out: Path) -> int:
     """report.md and its PNG figures in the local folder `out`; returns the number of figures."""
-    from featmap_ray.evaluation import report
+    from featmap_ray.evaluation import model_weights, report
 
     evals = read_results(cfg, "evaluations")
+    # heading -> keys (model_weights) of the models its numbers come from: the Models table and the caveats
+    uses: dict[str, list[str]] = {}
+    sections: dict[str, pd.DataFrame] = {}
+    figures: dict[str, list[Path]] = {}
     cosine = "cos_median_upper"  # the evaluation's median rule, that of the loss (feature_metrics)
-    figures = {"Median cosine (upper) to the true edited features": report.family_heatmaps(evals, cosine, out)}
-    sections = {f"{cosine} {b}/{l}": t for (b, l), t in report.family_tables(evals, cosine).items()}
+    heading = "Median cosine (upper) to the true edited features"
+    figures[heading], uses[heading] = report.family_heatmaps(evals, cosine, out), _feature_models(evals)
+    for (b, l), table in report.family_tables(evals, cosine).items():
+        sections[f"{cosine} {b}/{l}"] = table
+        uses[f"{cosine} {b}/{l}"] = _feature_models(_of(evals, b, l))
     if "agree_top1_orig_mapped" in evals and evals["agree_top1_orig_mapped"].notna().any():
-        figures["Top-1 agreement with the original's prediction"] = report.family_heatmaps(
-            evals, "agree_top1_orig_mapped", out)
-        sections.update({f"top-1 agreement {b}/{l}": t
-                       for (b, l), t in report.family_tables(evals, "agree_top1_orig_mapped").items()})
+        heading = "Top-1 agreement with the original's prediction"
+        figures[heading] = report.family_heatmaps(evals, "agree_top1_orig_mapped", out)
+        uses[heading] = _feature_models(evals, classifiers=True)
+        for (b, l), table in report.family_tables(evals, "agree_top1_orig_mapped").items():
+            sections[f"top-1 agreement {b}/{l}"] = table
+            uses[f"top-1 agreement {b}/{l}"] = _feature_models(_of(evals, b, l), classifiers=True)
     if tables.open_table(results_uri(cfg, "svd")) is not None:
-        wxb = read_results(cfg, "weight_bias")
+        svd, wxb = read_results(cfg, "svd"), read_results(cfg, "weight_bias")
         figures["Singular-value spectra of the linear maps"] = report.spectra_plot(read_results(cfg, "singular_values"), out)
         figures["Weight vs bias by manipulation family"] = report.weight_bias_plot(wxb.assign(group=wxb["family"]), out)
         figures["Rank-k truncations of W"] = report.truncation_plot(read_results(cfg, "truncation"), out)
-        sections["SVD measures"] = read_results(cfg, "svd").drop(columns=["run", "dataset"])
+        sections["SVD measures"] = svd.drop(columns=["run", "dataset"])
+        uses.update(dict.fromkeys(["Singular-value spectra of the linear maps", "Weight vs bias by manipulation family",
+                                   "Rank-k truncations of W", "SVD measures"], _feature_models(svd)))
     if tables.open_table(results_uri(cfg, "reconstructions")) is not None:  # featmap recon-eval
         recon = read_results(cfg, "reconstructions")
-        sections.update({f"Reconstructions: {metric} against the manipulated image (mean over sources)": t
-                       for metric, t in report.recon_tables(recon).items()})
+        featinv = [*_feature_models(recon), model_weights.FEATINV_BASE, model_weights.CONTROLNET]
+        for metric, table in report.recon_tables(recon).items():
+            heading = f"Reconstructions: {metric} against the manipulated image (mean over sources)"
+            sections[heading] = table
+            # SSIM, PSNR and MSE compare pixels; the cosines compare the judge's features of the images
+            uses[heading] = featinv + ([model_weights.JUDGE] if metric.startswith("cos_") else [])
         st = tables.Store(cfg.storage)
         keys = set(zip(recon["source_id"], recon["variant"], strict=True))
         stored = st.rows(st.layout.images, keys, ["image"]).to_pylist()
         manipulated = {(r["source_id"], r["variant"]): imageio.decode_png_rgb(r["image"]) for r in stored}
-        figures["Reconstructions: manipulated image, FeatInv of the true target, mapped, noise control, baseline"] = (
-            report.recon_grids(recon, manipulated, out))
-    figures.update(_featinv_viz_figures(cfg, out))
-    report.write_summary(sections, out / "report.md", figures=figures, title=f"FeatMap study {cfg.mapping.study}")
+        heading = "Reconstructions: manipulated image, FeatInv of the true target, mapped, noise control, baseline"
+        figures[heading], uses[heading] = report.recon_grids(recon, manipulated, out), featinv
+    for heading, paths in _featinv_viz_figures(cfg, out).items():
+        figures[heading], uses[heading] = paths, _featinv_viz_models(cfg)
+    models = _models(cfg, uses)
+    notes = {heading: note for heading, keys in uses.items() if (note := model_weights.caveat(models[k] for k in keys))}
+    report.write_summary(sections, out / "report.md", figures=figures, title=f"FeatMap study {cfg.mapping.study}",
+                         intro=_models_box(models.values()), notes=notes)
     return sum(len(paths) for paths in figures.values())
+
+
+def _of(rows: pd.DataFrame, backbone: str, layer: str) -> pd.DataFrame:
+    return rows[(rows["backbone"] == backbone) & (rows["layer"] == layer)]
+
+
+def _feature_models(rows: pd.DataFrame, classifiers: bool = False) -> list[str]:
+    """The models behind numbers computed from the feature maps of `rows` (a results table): their backbones,
+    with `classifiers` the classifiers of those features, and the editor when a semantic edit is among their
+    manipulations."""
+    from featmap_ray.evaluation import model_weights
+
+    names = sorted(set(rows["backbone"]))
+    keys = [model_weights.backbone_key(b) for b in names]
+    keys += [model_weights.classifier_key(b) for b in names] if classifiers else []
+    edited = "family" in rows and (rows["family"] == edit.FAMILY).any()
+    return keys + ([model_weights.EDITOR] if edited else [])
+
+
+def _featinv_viz_models(cfg: Config) -> list[str]:
+    """The models behind featinv-viz's images: FeatInv, the backbone whose maps it steers, and the editor when
+    those maps are of a semantic edit."""
+    from featmap_ray.evaluation import model_weights
+    from featmap_ray.featinv.data import featinv_backbone
+
+    keys = [model_weights.backbone_key(featinv_backbone(cfg)[0].name), model_weights.FEATINV_BASE,
+            model_weights.CONTROLNET]
+    return keys + ([model_weights.EDITOR] if cfg.featinv.viz.variant.startswith(f"{cfg.edit.prefix}:") else [])
+
+
+def _models(cfg: Config, uses: dict[str, list[str]]) -> dict[str, ModelWeights]:
+    """{key: model} of the models the report's sections use, in model_weights' order (backbones first)."""
+    from featmap_ray.evaluation import model_weights
+
+    used = {key for keys in uses.values() for key in keys}
+    manifest = None
+    if model_weights.CONTROLNET in used and cfg.featinv.controlnet:  # the run and step of a featinv-train output
+        from featmap_ray.featinv import identity
+        from featmap_ray.io.tracking import model_source
+
+        manifest = identity.read_manifest(cfg, model_source(cfg, cfg.featinv.controlnet))
+    models = model_weights.model_weights(cfg, manifest, backbones_seen=model_weights.backbones_in(used))
+    return {key: m for key, m in models.items() if key in used}
+
+
+def _models_box(models: Iterable[ModelWeights]) -> str:
+    """The report's opening section: the models its numbers depend on and where their weights come from."""
+    from featmap_ray.evaluation import model_weights, report
+
+    return ("## Models\n\nThe models the numbers below depend on. A section that depends on one with random "
+            "weights says so at its top.\n\n" + report.markdown_table(model_weights.models_table(models)))
 
 
 def _featinv_viz_figures(cfg: Config, out: Path) -> dict[str, list[Path]]:

@@ -17,7 +17,7 @@ from featmap_ray.io import tables, tracking
 from featmap_ray.io.files import Location
 from featmap_ray.layout import Layout
 from featmap_ray.mapping import artefacts, grid
-from featmap_ray.stages import base
+from featmap_ray.stages import base, runtime
 from featmap_ray.stages import mapping_train as train
 from featmap_ray.stages.fit import FIT_KEYS
 
@@ -131,6 +131,7 @@ def run_sweep(cfg: Config) -> dict[str, Any]:
                               [tracking.table_input(cfg, check.train.uri, check.train.version)]) as parent:
         trainable = tune.with_parameters(tune.with_resources(_trial, trial_resources(cfg)),
                                          cfg_data=cfg.model_dump(mode="json"), spec_data=spec.to_dict(), parent=parent)
+        runtime.start_autoscaling_coordinator()  # before the trials' Train controllers ask it
         tuner = tune.Tuner(
             trainable,
             param_space=space,
