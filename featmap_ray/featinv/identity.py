@@ -103,12 +103,19 @@ def base_identity(cfg: Config) -> str:
     from featmap_ray.featinv.loading import resolve_base_dir, trained_base
 
     if name == "trained":  # its manifest names its weights, as a trained ControlNet's does
-        manifest = trained_base(cfg).resolved() / MANIFEST
-        if not manifest.exists():
+        made = trained_base_manifest(cfg)
+        if made is None:
             return f"trained: none yet at {trained_base(cfg)}"
-        made = manifest.read_json()
         return f"trained: weights {made['weights']}, featinv-train run {made['run_name']} (base)"
     return pretrained.weights_identity(resolve_base_dir(name, local_files_only=True))
+
+
+def trained_base_manifest(cfg: Config) -> dict[str, Any] | None:
+    """The manifest of the base `featinv.base_model: trained` names (None: none trained yet)."""
+    from featmap_ray.featinv.loading import trained_base
+
+    folder = trained_base(cfg)
+    return None if folder.current() is None else (folder.resolved() / MANIFEST).read_json()
 
 
 def model_identity(cfg: Config, controlnet: str | None = None) -> dict[str, str]:

@@ -584,8 +584,8 @@ def train_base(cfg: Config) -> BaseSummary:
     tr = cfg.featinv.training
     folder = loading.trained_base(cfg)
     made = base_provenance(cfg)
-    if folder.current() is not None:
-        manifest = (folder.resolved() / identity.MANIFEST).read_json()
+    manifest = identity.trained_base_manifest(cfg)
+    if manifest is not None:
         stored = base.Provenance.from_json(manifest["provenance"])
         if stored.fingerprint == made.fingerprint:
             return BaseSummary(str(folder), "up to date", manifest["step"])
@@ -673,7 +673,7 @@ def run(cfg: Config) -> TrainSummary:
     backbones.check_weights(backbones.get_spec(request.name), request)
     if cfg.featinv.base_model == "trained":
         print(train_base(cfg), flush=True)
-    state = status(cfg)[-1]  # the ControlNet's (after the base's, when it is trained here)
+    state = controlnet_status(cfg)
     if state.state == "up to date":  # made by these settings from these inputs, to max_steps: nothing to do
         return TrainSummary(tr.run_name, tr.max_steps, tr.max_steps, None, state.output, "", None, up_to_date=True)
     dataset = training_dataset(cfg)
@@ -713,22 +713,25 @@ def run(cfg: Config) -> TrainSummary:
 
 
 def status(cfg: Config) -> list[base.OutputStatus]:
+    """The trained base (`featinv.base_model: trained`), then the final ControlNet of the run."""
+    return [*base_status(cfg), controlnet_status(cfg)]
+
+
+def controlnet_status(cfg: Config) -> base.OutputStatus:
     """The final model of run featinv.training.run_name: missing, stale (made by other settings, or what it
     read changed since), partial (trained to fewer than max_steps) or up to date."""
     tr = cfg.featinv.training
     final = Layout(cfg.storage).featinv_controlnet(tr.run_name)
     if final.current() is None:
-        return [*base_status(cfg), base.OutputStatus(NAME, str(final), "missing")]
+        return base.OutputStatus(NAME, str(final), "missing")
     manifest = identity.read_manifest(cfg, tracking.model_source(cfg, str(final)))
     stored = None if manifest is None else base.Provenance.from_json(manifest["provenance"])
     made = provenance(cfg)
     if stored is None or stored.fingerprint != made.fingerprint:
-        return [*base_status(cfg), base.OutputStatus(NAME, str(final), "stale", "; ".join(made.changes(stored)[:3]))]
+        return base.OutputStatus(NAME, str(final), "stale", "; ".join(made.changes(stored)[:3]))
     if manifest["step"] < tr.max_steps:
-        return [*base_status(cfg),
-                base.OutputStatus(NAME, str(final), "partial", f"step {manifest['step']} of {tr.max_steps}")]
-    return [*base_status(cfg),
-            base.OutputStatus(NAME, str(final), "up to date", f"step {manifest['step']}, weights {manifest['weights']}")]
+        return base.OutputStatus(NAME, str(final), "partial", f"step {manifest['step']} of {tr.max_steps}")
+    return base.OutputStatus(NAME, str(final), "up to date", f"step {manifest['step']}, weights {manifest['weights']}")
 
 
 def base_status(cfg: Config) -> list[base.OutputStatus]:
@@ -738,9 +741,10 @@ def base_status(cfg: Config) -> list[base.OutputStatus]:
     from featmap_ray.featinv import loading
 
     folder = loading.trained_base(cfg)
-    if folder.current() is None:
+    manifest = identity.trained_base_manifest(cfg)
+    if manifest is None:
         return [base.OutputStatus(NAME, str(folder), "missing")]
-    stored = base.Provenance.from_json((folder.resolved() / identity.MANIFEST).read_json()["provenance"])
+    stored = base.Provenance.from_json(manifest["provenance"])
     made = base_provenance(cfg)
     if stored.fingerprint != made.fingerprint:
         return [base.OutputStatus(NAME, str(folder), "stale", "; ".join(made.changes(stored)[:3]))]
