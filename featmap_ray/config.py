@@ -9,16 +9,43 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from featmap_ray.manipulations import direct
 
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used."""
+
+
+# Image formats (Pillow's names) a reader may be allowed to open. Never EPS (Pillow runs Ghostscript on it),
+# FITS, ICNS or ICO: parsers of little use here with a history of hostile-file bugs.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
+INGEST_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"]
+SERVE_FORMATS = ["PNG", "JPEG", "WEBP"]
+
+
+def _image_formats(formats: list[str]) -> list[str]:
+    formats = [f.upper() for f in formats]
+    bad = sorted(set(formats) - set(IMAGE_FORMATS))
+    if bad or not formats:
+        raise ValueError(f"image formats {bad or formats}: choose from {list(IMAGE_FORMATS)} (EPS, FITS, ICNS "
+                         "and ICO are never read)")
+    return formats
+
+
+def _folder_name(name: str) -> str:
+    # Names become folder and file names (datasets, studies, runs, reports): never `.`, `..`, a hidden name or
+    # a path, so that no name reaches outside its folder or onto another's.
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", name) or ".." in name:
+        raise ValueError(f"{name!r}: use 1 to 128 letters, digits and _ . - (not starting with '.', no '..')")
+    return name
+
+
+Name = Annotated[str, AfterValidator(_folder_name)]
 
 
 class _Strict(BaseModel):
@@ -58,7 +85,7 @@ class MlflowConfig(_Strict):
 
 
 class DatasetConfig(_Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     # A folder (local path or URI such as s3://bucket/cars), or "builtin:skimage" for the
     # photographs bundled with scikit-image (the embedded demo).
     root: str
@@ -72,12 +99,19 @@ class DatasetConfig(_Strict):
     image_size: int = Field(288, ge=16)
     min_side: int = Field(32, ge=1)  # smaller images are recorded as errors, not upsampled
     max_pixels: int = Field(89_478_485, ge=1)  # PIL's default decompression-bomb limit
+    max_aspect: float = Field(10.0, ge=1)  # longer side / shorter side, from the header; beyond: an error row
+    formats: list[str] = INGEST_FORMATS  # Pillow format names read, by content (add "PPM" for .ppm/.pgm files)
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"]
 
     @field_validator("root")
     @classmethod
     def _absolute_root(cls, root: str) -> str:
         return root if root.startswith("builtin:") or "://" in root else str(Path(root).expanduser().resolve())
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, formats: list[str]) -> list[str]:
+        return _image_formats(formats)
 
 
 class ManipulateConfig(_Strict):
@@ -107,7 +141,7 @@ class ManipulateConfig(_Strict):
 class EditPrompt(_Strict):
     """One semantic edit: its short name (in variant ids and study configs) and the full instruction."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")  # e.g. Turn_on_headlights
+    name: Name  # e.g. Turn_on_headlights
     prompt: str
 
     @field_validator("prompt")
@@ -126,7 +160,7 @@ class EditConfig(_Strict):
     # class comes from its model_index.json), or "tiny": a random tiny QwenImageEditPlusPipeline (tests, demos).
     model: str = "Qwen/Qwen-Image-Edit-2511"
     prompts: dict[str, list[EditPrompt]] = {}  # dataset name -> its prompts; a dataset without any gets no edits
-    prefix: str = Field("qwen", pattern=r"^[A-Za-z0-9_.-]+$")  # variant id <prefix>:<name>:<repeat>
+    prefix: Name = "qwen"  # variant id <prefix>:<name>:<repeat>
     repeats: int = Field(1, ge=1)  # edits per (image, prompt), each with its own seed
     # Originals edited per (split, class), a seeded choice (the reference: the first 10 train, 5 test); a
     # split not named gets none, a count above a class's size takes all of it.
@@ -281,7 +315,7 @@ class SweepConfig(_Strict):
 
 
 class MappingConfig(_Strict):
-    study: str = Field("study", pattern=r"^[A-Za-z0-9_.-]+$")  # MLflow parent run, run folder
+    study: Name = "study"  # MLflow parent run, run folder
     targets: list[MappingTarget] = []  # empty: every extracted (backbone, layer)
     # dataset name -> group name -> group; empty: the paper's groups on this config's dataset.
     datasets: dict[str, dict[str, MappingGroup]] = {}
@@ -350,7 +384,7 @@ class FeatInvSampling(_Strict):
 
 
 class FeatInvTraining(_Strict):
-    run_name: str = Field("featinv", pattern=r"^[A-Za-z0-9_.-]+$")  # checkpoints in <storage>/featinv/<run_name>
+    run_name: Name = "featinv"  # checkpoints in <storage>/featinv/<run_name>
     # The ControlNet the run starts from: a folder or an MLflow model URI to fine-tune; None = fresh from the
     # base UNet. (featinv.controlnet is the model the other commands use: it may name this run's output.)
     init_from: str | None = None
@@ -376,7 +410,7 @@ class FeatInvTraining(_Strict):
     use_gpu: bool = False
     seed: int = 0
     # The MLflow registered model that receives the final ControlNet of every run; None = featinv-<backbone>-<layer>.
-    registered_model: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    registered_model: Name | None = None
 
 
 class FeatInvBaseTraining(_Strict):
@@ -487,7 +521,19 @@ class ServeLimits(_Strict):
     max_steps: int = Field(50, ge=1)  # DDIM steps
     max_guidance: float = Field(20.0, ge=0)
     max_control_scale: float = Field(4.0, ge=0)
-    request_timeout_s: float = Field(120.0, gt=0)  # Ray Serve's end-to-end HTTP request timeout
+    # The whole request, body upload included: past it the ingress answers 504 (Ray Serve's own HTTP
+    # timeout, a little longer, only catches what the ingress cannot).
+    request_timeout_s: float = Field(120.0, gt=0)
+    formats: list[str] = SERVE_FORMATS  # uploaded images: Pillow format names (415 otherwise)
+    max_aspect: float = Field(10.0, ge=1)  # longer side / shorter side of an uploaded image, from its header
+    # Slow uploads (slowloris): after upload_grace_s the body must have arrived at min_upload_kb_s on average.
+    min_upload_kb_s: float = Field(16.0, gt=0)
+    upload_grace_s: float = Field(15.0, gt=0)  # generous: on a busy node the body reaches the ingress late
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, formats: list[str]) -> list[str]:
+        return _image_formats(formats)
 
     @property
     def max_body_bytes(self) -> int:
@@ -498,13 +544,17 @@ class ServeConfig(_Strict):
     """`featmap serve`: FeatInv over HTTP (README: Serving)."""
 
     host: str = "127.0.0.1"  # loopback unless said otherwise: the service has no authentication
+    # Host header values (names or addresses, no port) the service answers, against DNS rebinding; the bind
+    # address and, for loopback or a wildcard bind, localhost, 127.0.0.1 and ::1 are always allowed.
+    allowed_hosts: list[str] = []
+    docs: bool = True  # /docs (Swagger UI, served from the package's own files) and /openapi.json
     port: int = Field(8000, ge=0, le=65535)
-    app_name: str = Field("featmap", pattern=r"^[A-Za-z0-9_.-]+$")
+    app_name: Name = "featmap"
     route_prefix: str = Field("/", pattern=r"^/")
     # The allow-list of FeatInv models: name -> a ControlNet folder (local or under an object store),
     # runs:/<run id>/<path>, models:/<name>/<version> or models:/<name>@<alias> (MLflow). "default" is always there: featinv.controlnet,
     # or a fresh model from the base UNet. Requests name a model; they never name a path.
-    featinv_models: dict[str, str] = {}
+    featinv_models: dict[Name, str] = {}
     # Runs of mapping.study the mapped route may apply (their keys); None: every finished run at start-up.
     mapping_runs: list[str] | None = []
     # Defaults of a request's parameters (within `limits`); featinv.sampling's prompt is used.
@@ -517,14 +567,6 @@ class ServeConfig(_Strict):
     backbone: ServeDeployment = ServeDeployment(ray_actor_options={"num_cpus": 0.5})
     featinv: ServeDeployment = ServeDeployment()
     mapping: ServeDeployment = ServeDeployment(ray_actor_options={"num_cpus": 0.25})
-
-    @field_validator("featinv_models")
-    @classmethod
-    def _model_names(cls, models: dict[str, str]) -> dict[str, str]:
-        bad = [name for name in models if not re.fullmatch(r"[A-Za-z0-9_.-]+", name)]
-        if bad:
-            raise ValueError(f"model names {bad}: use letters, digits and _.- only")
-        return models
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ServeConfig:

@@ -48,10 +48,20 @@ BAD_REASONS: dict[str, str] = {
     "truncated.jpg": "truncated",
     "truncated.png": "truncated",
     "tiny_5x5.png": "too_small",
-    "thin_20x400.png": "too_small",
+    "thin_20x120.png": "too_small",  # 6:1, within the aspect limit: refused for its shorter side
     "bomb.png": "decompression_bomb",  # header claims 30000x30000: PIL's DecompressionBombError
     "bomb_100mp.png": "decompression_bomb",  # 10000x10000: only PIL's DecompressionBombWarning
+    # Hostile files: real, valid PNGs of a few KB whose resize used to need 1 GB / 100 GB.
+    "elongated_32x100000.png": "aspect_ratio",
+    "elongated_8x3000000.png": "aspect_ratio",  # also too small: the aspect ratio is checked first
+    # Formats Pillow knows but no allow-list accepts, under image extensions (as an attacker names them).
+    "eps_named.jpg": "format_not_allowed",
+    "fits_named.png": "format_not_allowed",
+    "ico_named.png": "format_not_allowed",
+    "icns_named.png": "format_not_allowed",
 }
+# The Pillow format each refused format_not_allowed file is (its error message names it).
+REFUSED_FORMATS = {"eps_named.jpg": "EPS", "fits_named.png": "FITS", "ico_named.png": "ICO", "icns_named.png": "ICNS"}
 
 # Animated GIF / multi-page TIFF frame colours; decoding must give the first one.
 FRAME_COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
@@ -148,10 +158,13 @@ def write_corpus(root: Path) -> dict[str, str | None]:
     files["truncated.jpg"] = jpeg[: len(jpeg) // 2]
     files["truncated.png"] = png[: len(png) * 6 // 10]
     files["tiny_5x5.png"] = encode(Image.fromarray(gradient_rgb(5, 5)), "PNG")
-    files["thin_20x400.png"] = encode(Image.fromarray(gradient_rgb(400, 20)), "PNG")
+    files["thin_20x120.png"] = encode(Image.fromarray(gradient_rgb(120, 20)), "PNG")
     one_pixel = encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG")
     files["bomb.png"] = patch_png_size(one_pixel, 30_000, 30_000)
     files["bomb_100mp.png"] = patch_png_size(one_pixel, 10_000, 10_000)
+    files["elongated_32x100000.png"] = blank_png(32, 100_000)
+    files["elongated_8x3000000.png"] = blank_png(8, 3_000_000)
+    files.update(refused_format_files())
 
     for rel, data in files.items():
         path = root / rel
@@ -190,6 +203,35 @@ def _png_rgb16(values: np.ndarray) -> bytes:
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # bit depth 16, colour type 2 (RGB)
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
             + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A valid black 1-bit greyscale PNG written by hand: every row is zeros, so even 8 x 3,000,000
+    pixels compress to a few KB (and take milliseconds to write)."""
+    raw = (b"\x00" + bytes((width + 7) // 8)) * height  # filter type 0, then the row's packed bits
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, colour type 0 (grey)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(raw, 9)) + _png_chunk(b"IEND", b""))
+
+
+def eps_file() -> bytes:
+    """A minimal EPS: Pillow's EPS plugin would run Ghostscript to load it."""
+    return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
+            b"newpath 0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def fits_file() -> bytes:
+    """A minimal 64x64 8-bit FITS: 80-byte header cards padded to 2880 bytes, then the data."""
+    cards = [b"SIMPLE  =                    T", b"BITPIX  =                    8", b"NAXIS   =                    2",
+             b"NAXIS1  =                   64", b"NAXIS2  =                   64", b"END"]
+    return b"".join(c.ljust(80) for c in cards).ljust(2880) + bytes(64 * 64).ljust(2880, b"\x00")
+
+
+def refused_format_files() -> dict[str, bytes]:
+    """{name: bytes} of the REFUSED_FORMATS files (named as images, the content another format)."""
+    icon = Image.new("RGB", (64, 64), (200, 30, 30))  # one colour: ICNS stores it up to 1024x1024, as PNGs
+    return {"eps_named.jpg": eps_file(), "fits_named.png": fits_file(), "ico_named.png": encode(icon, "ICO"),
+            "icns_named.png": encode(icon, "ICNS")}
 
 
 def patch_png_size(png: bytes, width: int, height: int) -> bytes:

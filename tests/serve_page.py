@@ -5,10 +5,13 @@ application start for both): this module is not a test module of its own.
 An uploaded (picked or dropped) image or a stored sample gives the original, the backbone's view and one
 reconstruction per seed, with numeric metrics; the mapped tab applies a mapping run; bad input gives a
 readable message, never a blank page. The page after a reconstruction is saved as a screenshot under
-$FEATMAP_TEST_ARTIFACTS (default .pytest_artifacts/ at the repository root).
+$FEATMAP_TEST_ARTIFACTS (default .pytest_artifacts/ at the repository root). The API docs (/docs) render
+offline from the app's own files; the page and the docs answer with a strict Content-Security-Policy,
+and no test sees it refuse anything (featmap_ray/serve/page.py).
 """
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import lance
 import pytest
+import requests
 from PIL import Image
 
 from featmap_ray.io import tables
@@ -57,7 +61,8 @@ def browser():
 @pytest.fixture
 def page(browser, service):
     """The page, loaded, its model list filled from /models (Run is enabled then); afterwards, no
-    JavaScript error in the console (failed requests the tests provoke are logged as network errors)."""
+    JavaScript error and nothing refused by the page's Content-Security-Policy in the console (source
+    "security"; failed requests the tests provoke are logged as network errors)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -65,8 +70,34 @@ def page(browser, service):
     browser.get(service["url"] + "/")
     WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "run").is_enabled())
     yield browser
-    errors = [e for e in browser.get_log("browser") if e["source"] == "javascript"]
+    errors = [e for e in browser.get_log("browser") if e["source"] in ("javascript", "security")]
     assert errors == []
+
+
+# Collects the CSP violations of a page in window.cspViolations from its first script on; injected
+# through the DevTools protocol, which the page's policy does not govern.
+VIOLATION_RECORDER = """
+    window.cspViolations = [];
+    document.addEventListener("securitypolicyviolation", (e) => window.cspViolations.push(
+        `${e.violatedDirective} refused ${e.blockedURI} (${e.sourceFile}:${e.lineNumber})`));"""
+
+
+@contextlib.contextmanager
+def _recording_csp_violations(driver):
+    script = driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": VIOLATION_RECORDER})
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script["identifier"]})
+
+
+# What each page may load: the app itself ('self'), data: and blob: images, nothing else ('none').
+CSP_DIRECTIVES = {
+    "default-src": {"'self'"}, "script-src": {"'self'"}, "style-src": {"'self'"},
+    "img-src": {"'self'", "data:", "blob:"}, "connect-src": {"'self'"}, "object-src": {"'none'"},
+    "base-uri": {"'none'"}, "frame-ancestors": {"'none'"}, "form-action": {"'self'"},
+}
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 
 def _by_id(driver, element_id: str):
@@ -230,3 +261,66 @@ def test_bad_input_shows_a_readable_message(page, tmp_path):
     WebDriverWait(page, WAIT_S).until(lambda d: _by_id(d, "run").is_enabled())
     _by_id(page, "run").click()
     assert "Drop or pick an image" in _by_id(page, "error").text
+
+
+def _csp(header: str) -> dict[str, set[str]]:
+    """A Content-Security-Policy header as directive -> sources (a directive named twice: the first counts)."""
+    policy = {}
+    for directive in filter(None, (part.strip() for part in header.split(";"))):
+        name, *sources = directive.split()
+        policy.setdefault(name.lower(), set(sources))
+    return policy
+
+
+def test_the_page_and_the_api_docs_answer_with_a_strict_content_security_policy(page, service):
+    """Nothing from another origin, no inline script or style, no eval, not framed: and the page (loaded
+    by the `page` fixture, which fails on any refusal in the console) still works under it."""
+    for path in ("/", "/docs"):
+        answer = requests.get(service["url"] + path, timeout=30)
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+        # As browsers read them: a list (the page and a middleware may both set them), all the same value.
+        for header, value in (("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer")):
+            assert {v.strip().lower() for v in answer.headers[header].split(",")} == {value}, (path, header)
+        policy = _csp(answer.headers["content-security-policy"])
+        assert policy == CSP_DIRECTIVES, path
+        sources = set().union(*policy.values())
+        assert sources <= {"'self'", "'none'", "data:", "blob:"}, path  # no host, no scheme like https:
+        assert not {"'unsafe-inline'", "'unsafe-eval'", "'unsafe-hashes'", "'strict-dynamic'"} & sources
+    assert _by_id(page, "run").is_enabled()
+
+
+def test_the_api_docs_render_offline(browser, service):
+    """/docs is Swagger UI from the app's own files: every operation of /openapi.json is an operation
+    block, no request leaves the service, and the console has no error, failed load or CSP violation."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = service["url"]
+    schema = requests.get(url + "/openapi.json", timeout=30).json()
+    operations = sorted((path, method) for path, item in schema["paths"].items() for method in item
+                        if method in HTTP_METHODS)
+    assert ("/reconstruct", "post") in operations
+
+    browser.get_log("browser")  # drop the entries of earlier tests
+    with _recording_csp_violations(browser):
+        browser.get(url + "/docs")
+        WebDriverWait(browser, WAIT_S).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= len(operations))
+        blocks = browser.find_elements(By.CSS_SELECTOR, ".opblock")
+        shown = sorted((block.find_element(By.CSS_SELECTOR, ".opblock-summary-path").get_attribute("data-path"),
+                        block.find_element(By.CSS_SELECTOR, ".opblock-summary-method").text.lower())
+                       for block in blocks)
+        assert shown == operations
+        assert schema["info"]["title"] in browser.find_element(By.CSS_SELECTOR, ".info .title").text
+        # One operation opened: its parameters and request body rendered under the policy too.
+        reconstruct = next(b for b in blocks if b.find_element(By.CSS_SELECTOR, ".opblock-summary-path")
+                           .get_attribute("data-path") == "/reconstruct")
+        reconstruct.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+        WebDriverWait(browser, WAIT_S).until(lambda d: reconstruct.find_elements(By.CSS_SELECTOR, ".parameters"))
+
+        loaded = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")
+        assert any(name.endswith("/swagger-ui-bundle.js") for name in loaded)
+        assert [name for name in loaded if not name.startswith(url + "/")] == []
+        assert browser.execute_script("return window.cspViolations") == []
+    console = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert console == []

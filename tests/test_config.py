@@ -1,6 +1,6 @@
 import pytest
 
-from featmap_ray.config import ConfigError, load_config
+from featmap_ray.config import INGEST_FORMATS, ConfigError, load_config
 
 
 def _write(tmp_path, text):
@@ -28,6 +28,13 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert cfg.extract.batch_size == 8 and cfg.dataset.classes == ["a", "b"] and cfg.storage == "s3://b/x"
 
 
+def test_dataset_image_formats_and_aspect_limit(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.dataset.formats == INGEST_FORMATS and cfg.dataset.max_aspect == 10
+    cfg = load_config(_write(tmp_path, BASE), ["dataset.formats=[png, ppm]", "dataset.max_aspect=4"])
+    assert cfg.dataset.formats == ["PNG", "PPM"] and cfg.dataset.max_aspect == 4
+
+
 @pytest.mark.parametrize(
     "text, overrides, needle",
     [
@@ -41,6 +48,17 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("storage: x\n", [], "dataset: Field required"),
         (BASE, ["extract.backbones=[{name: resnet50, pretrained: false, checkpoint: /w.pth}]"], "pretrained is false"),
         (BASE, ["novalue"], "key=value"),
+        (BASE, ["dataset.formats=[PNG, EPS]"], "dataset.formats"),  # never read (Pillow runs Ghostscript on EPS)
+        (BASE, ["dataset.formats=[]"], "dataset.formats"),
+        (BASE, ["dataset.max_aspect=0.5"], "dataset.max_aspect"),
+        # Names become folder names: never a path, `.`, `..` or hidden (a report could land on another's).
+        (BASE, ["mapping.study=.."], "mapping.study"),
+        (BASE, ["mapping.study=../other"], "mapping.study"),
+        (BASE, ["featinv.training.run_name=.hidden"], "featinv.training.run_name"),
+        (BASE, ["featinv.training.run_name=a..b"], "featinv.training.run_name"),
+        ("dataset: {name: a/b, root: /data}\n", [], "dataset.name"),
+        (BASE, ["serve.featinv_models={..: /w}"], "serve.featinv_models"),
+        (BASE, ["serve.limits.formats=[PNG, EPS]"], "EPS, FITS, ICNS and ICO are never read"),
     ],
 )
 def test_bad_config_is_rejected_with_the_key_named(tmp_path, text, overrides, needle):

@@ -14,6 +14,7 @@ from featmap_ray.cosine import median_cosine
 from featmap_ray.io import tables
 from featmap_ray.mapping import loop
 from featmap_ray.mapping.grid import RunSpec
+from featmap_ray.stages import mapping_train
 from featmap_ray.stages import pairs as data
 from featmap_ray.stages import synthetic as mt
 
@@ -117,7 +118,7 @@ def test_non_finite_data_fails_the_group_naming_the_image(tmp_path, single_torch
     assert all("t0005" in m.error for m in group)
 
 
-def test_a_resumed_group_ends_as_an_uninterrupted_one(pairs):
+def test_a_resumed_group_ends_as_an_uninterrupted_one(pairs, tmp_path):
     training = MappingTraining(max_epochs=5, patience=5, lr=1e-2, batch_size=8, accumulate=2)
     specs = [spec("mlp", {"hidden": 8}), spec("ridge"), spec("linear", loss={"ntxent": 1.0})]
     straight = members(specs, training)
@@ -127,7 +128,10 @@ def test_a_resumed_group_ends_as_an_uninterrupted_one(pairs):
     fit = loop.GroupFit(first, *loaders(pairs), CPU)
     for _ in range(2):
         fit.epoch()
-    saved = {m.digest: m.state_dict() for m in first}, fit.state_dict()
+    # Through the checkpoint file Ray Train keeps, read as data only (torch.load weights_only=True).
+    mapping_train.write_group_state(tmp_path / "group.pt", first, fit)
+    state = mapping_train.read_group_state(tmp_path / "group.pt")
+    saved = state["members"], state["fit"]
     second = members(specs, training)  # a fresh process: new objects, state from the checkpoint
     for m in second:
         m.load_state_dict(saved[0][m.digest])

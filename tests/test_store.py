@@ -108,3 +108,26 @@ def test_existing_table_with_another_shape_is_refused(tmp_path):
         tables.ensure_table(uri, tables.feature_schema((8, 3, 3), "float16", {}))
     with pytest.raises(tables.SchemaMismatch):
         tables.check_schema(uri, tables.feature_schema((4, 3, 3), "float32", {}))
+
+
+def test_a_key_index_finds_each_stored_row_and_nothing_else(tmp_path):
+    """Against the definition: for every key, the row `Store.rows` (a filtered scan) returns; None for keys the
+    table does not hold, including ones that share a prefix with stored ones."""
+    table, values = _feature_table(50)
+    uri = str(tmp_path / "f.lance")
+    lance.write_dataset(table.slice(0, 30), uri, schema=table.schema)
+    lance.write_dataset(table.slice(30), uri, mode="append")  # two fragments
+    st = tables.Store(str(tmp_path))
+    index = tables.KeyIndex(st.open(uri))
+    assert len(index) == 50
+    for i in np.random.default_rng(1).permutation(50):
+        key = (f"s{i}", "original")
+        row = index.row(key, ["feature"])
+        assert row is not None and row.num_rows == 1
+        np.testing.assert_array_equal(tables.tensor_numpy(row["feature"])[0], values[i])
+        expected = st.rows(uri, [key], ["feature"])
+        np.testing.assert_array_equal(tables.tensor_numpy(expected["feature"])[0], values[i])
+    for missing in (("s5", "mirror_h"), ("s", "original"), ("s50", "original"), ("s1", "origina"), ("", "")):
+        assert index.row(missing, ["feature"]) is None
+    assert len(tables.KeyIndex(None)) == 0 and tables.KeyIndex(None).row(("s1", "original"), ["feature"]) is None
+

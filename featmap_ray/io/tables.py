@@ -308,6 +308,30 @@ class Target:
         return batch.select([self.columns.get(n, n) for n in names]).rename_columns(names).cast(self.schema)
 
 
+class KeyIndex:
+    """Point lookups by (source_id, variant) in one version of a table, for a service answering many: the keys
+    are read once and sorted, each lookup is a binary search and a `take` of that one row (no scan)."""
+
+    def __init__(self, ds: lance.LanceDataset | None):
+        self.ds = ds
+        keys = [] if ds is None else row_keys(ds.to_table(columns=list(KEY)))
+        # Row offsets in the order of a scan of this version: what `take` expects.
+        joined = np.array([f"{s}\0{v}".encode() for s, v in keys], dtype=bytes)
+        self.order = np.argsort(joined, kind="stable")
+        self.sorted = joined[self.order]
+
+    def __len__(self) -> int:
+        return len(self.sorted)
+
+    def row(self, key: tuple[str, str], columns: list[str]) -> pa.Table | None:
+        """The row of `key` (its `columns`), or None."""
+        wanted = f"{key[0]}\0{key[1]}".encode()
+        i = int(np.searchsorted(self.sorted, wanted))
+        if i == len(self.sorted) or self.sorted[i] != wanted:
+            return None
+        return self.ds.take([int(self.order[i])], columns=columns)
+
+
 def row_keys(table: pa.Table, key: tuple[str, ...] = KEY) -> list[tuple]:
     return list(zip(*(table[c].to_pylist() for c in key), strict=True))
 

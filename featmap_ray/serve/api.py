@@ -17,22 +17,22 @@ Bad requests get a 4xx JSON body {"error": "..."} naming what is wrong; a replic
 request gives 503 with Retry-After (retrying succeeds once Serve has replaced it).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the routes' parameter types are built from the config inside
+# create_api, and FastAPI must see them as objects, not as names to look up in this module.
+import asyncio
 import time
-from importlib import resources
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from featmap_ray import backbones
@@ -41,63 +41,75 @@ from featmap_ray.cosine import median_cosine
 from featmap_ray.featinv.data import backbone_view, featinv_backbone
 from featmap_ray.featinv.metrics import classifier_agreement
 from featmap_ray.io import tables
-from featmap_ray.serve import catalogue, inputs, models
+from featmap_ray.serve import catalogue, guard, inputs, page
 from featmap_ray.serve.inputs import RequestError
+from featmap_ray.serve.params import Params, sampling_dependency
 
-STATIC = resources.files("featmap_ray.serve") / "static"
 KEY_PATTERN = r"^[A-Za-z0-9_.:=+-]{1,128}$"  # source ids, variants, run keys: never a path
 # Replica deaths seen by the caller: Serve starts a new replica, so the same request succeeds later.
 RETRYABLE = (RayActorError, ActorUnavailableError)
+# Decoding, resizing and parsing uploads happen here, off the event loop; at most this many at once, which
+# also bounds their memory (each is within serve.limits.max_pixels).
+DECODE_THREADS = 4
+# Media types of the image formats serve.limits.formats may allow.
+IMAGE_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "BMP": "image/bmp",
+                     "TIFF": "image/tiff", "GIF": "image/gif", "PPM": "image/x-portable-anymap"}
+BINARY = {"type": "string", "format": "binary"}
 
-IMAGE_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
-    "image/*": {"schema": {"type": "string", "format": "binary"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    "application/json": {"schema": {"type": "object", "required": ["image"],
-                                    "properties": {"image": {"type": "string", "description": "base64 (or a data URL)"}}}},
-}}}
+
+class ErrorBody(BaseModel):
+    """Every error answer: what is wrong, and for invalid parameters which ones."""
+
+    error: str
+    fields: list[dict[str, Any]] | None = None
+
+
+ERRORS = {
+    400: "a malformed request: the Host header is not this service's, or the body is not what the route reads "
+         "(not an image, a truncated or too small or too elongated image, bad base64 or JSON, a bad .npy header)",
+    403: "a browser's cross-origin request (its Origin is not this service)",
+    404: "no such stored sample or mapping run",
+    408: "the body arrived slower than serve.limits.min_upload_kb_s",
+    413: "a body larger than serve.limits.max_body_mb, an image over serve.limits.max_pixels, or a body sent to a "
+         "route that takes none",
+    415: "a Content-Type this route does not take, or an image format outside serve.limits.formats",
+    422: "invalid parameters, or a feature map that does not fit the model (its shape, NaN or Inf)",
+    503: "a model replica became unavailable; retry (Retry-After)",
+    504: "the request took longer than serve.limits.request_timeout_s",
+}
+GUARD_STATUSES = (400, 403, 413, 504)  # any route: the RequestGuard's refusals
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of a route: its error statuses with their meaning and body schema."""
+    return {status: {"model": ErrorBody, "description": ERRORS[status]} for status in sorted({*GUARD_STATUSES,
+                                                                                               *statuses})}
+
+
+RECONSTRUCTED = {200: {"description": "JSON with base64 PNGs, or with format=png (or Accept: image/png) the first "
+                                      "reconstruction as image/png, its metrics in X-Featmap-* headers",
+                       "content": {"image/png": {"schema": BINARY}}}}
+
+
+def image_body(formats: list[str]) -> dict[str, Any]:
+    """The request body of the image routes, one entry per content type the route takes."""
+    content = {"multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                                  "properties": {"file": BINARY}}}}
+    content.update({IMAGE_MEDIA_TYPES[f]: {"schema": BINARY} for f in formats})
+    content["application/octet-stream"] = {"schema": BINARY}
+    content["application/json"] = {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "description": "base64 of the image file (or a data URL)"}}}}
+    return {"requestBody": {"required": True, "description": f"an image file: {', '.join(formats)}", "content": content}}
+
+
 FEATURES_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                       "properties": {"file": {"type": "string", "format": "binary",
-                                                               "description": ".npy or .safetensors"}}}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                                       "properties": {"file": {**BINARY, "description": ".npy or .safetensors"}}}},
+    "application/octet-stream": {"schema": BINARY},
     "application/json": {"schema": {"type": "object", "required": ["features"],
                                     "properties": {"features": {"type": "string",
                                                                 "description": "base64 of .npy or .safetensors"}}}},
 }}}
-
-
-class Params:
-    """The sampling parameters of a request, checked against `serve.limits` (422 naming the limit)."""
-
-    def __init__(self, cfg: Config, model: str, seeds: list[int] | None, steps: int | None, guidance: float | None,
-                 control_scale: float | None, fmt: str, accept: str):
-        s, limits, sampling = cfg.serve, cfg.serve.limits, cfg.featinv.sampling
-        self.model = model
-        self.seeds = list(seeds or s.seeds)
-        self.sampling = models.Sampling(steps=s.steps if steps is None else steps,
-                                        guidance=sampling.guidance if guidance is None else guidance,
-                                        control_scale=sampling.control_scale if control_scale is None else control_scale)
-        self.png = fmt == "png" or (fmt is None and "image/png" in accept)
-        problems = []
-        if not 1 <= len(self.seeds) <= limits.max_seeds:
-            problems.append(f"seeds: give 1 to {limits.max_seeds} seeds, got {len(self.seeds)}")
-        if not all(0 <= seed < 2**63 for seed in self.seeds):
-            problems.append(f"seeds: each must be within [0, 2**63), got {self.seeds}")
-        if len(set(self.seeds)) != len(self.seeds):
-            problems.append(f"seeds: repeated values in {self.seeds}")
-        for name, value, high in (("steps", self.sampling.steps, limits.max_steps),
-                                  ("guidance", self.sampling.guidance, limits.max_guidance),
-                                  ("control_scale", self.sampling.control_scale, limits.max_control_scale)):
-            if not (value >= (1 if name == "steps" else 0) and value <= high and np.isfinite(value)):
-                problems.append(f"{name}: must be within [{1 if name == 'steps' else 0}, {high}], got {value}")
-        if problems:
-            raise RequestError(422, "; ".join(problems))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"seeds": self.seeds, "steps": self.sampling.steps, "guidance": self.sampling.guidance,
-                "control_scale": self.sampling.control_scale}
 
 
 def _metrics(source_features: np.ndarray, source_logits: np.ndarray | None,
@@ -133,7 +145,7 @@ class Ingress:
     """Validation and routing; the models live in the composed deployments."""
 
     def __init__(self, cfg: Config, backbone: DeploymentHandle, featinv: dict[str, DeploymentHandle],
-                 mapping: DeploymentHandle | None):
+                 mapping: DeploymentHandle | None, requested: dict[str, str | None] | None = None):
         self.cfg = cfg
         self.backbone = backbone
         self.featinv = {name: handle.options(method_name="reconstruct") for name, handle in featinv.items()}
@@ -141,11 +153,19 @@ class Ingress:
         self.request, self.layer = featinv_backbone(cfg)
         self.input_size = backbones.get_spec(self.request.name).input_size
         self.mapping_keys = catalogue.mapping_run_keys(cfg)
-        self.catalogue = catalogue.describe(cfg, self.mapping_keys)
-        self.store = tables.Store(cfg.storage)
+        self.catalogue = catalogue.describe(cfg, self.mapping_keys, requested or {})
+        store = tables.Store(cfg.storage)
+        # The stored samples as they are now, indexed once: a lookup per request, not a scan.
+        self.samples = {"features": tables.KeyIndex(store.open(store.layout.features(self.request.name, self.layer))),
+                        "images": tables.KeyIndex(store.open(store.layout.images))}
+        self.decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self)
+
+    async def off_loop(self, fn, *args):
+        """`fn(*args)` in the decoding threads: the event loop keeps serving other requests meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
 
     # -- calls into the other deployments -----------------------------------------------------------
 
@@ -165,8 +185,6 @@ class Ingress:
 
     async def reconstruct(self, features: np.ndarray, params: Params) -> tuple[np.ndarray, list]:
         """Images of one map for every seed, and each image as the backbone sees it (map, logits)."""
-        if params.model not in self.featinv:
-            raise RequestError(404, f"unknown model {params.model!r}; served: {sorted(self.featinv)}")
         images = await self.call(self.featinv[params.model].remote(features, params.seeds, params.sampling))
         probed = [await self.call(r) for r in [self.backbone.remote(image) for image in images]]
         return images, probed
@@ -182,16 +200,17 @@ class Ingress:
         if params.png:
             headers = {"X-Featmap-Model": params.model, "X-Featmap-Seed": str(params.seeds[0])}
             headers.update({f"X-Featmap-{k.replace('_', '-')}": str(v) for k, v in rows[0].items()})
-            return Response(inputs.png(images[0]), media_type="image/png", headers=headers)
+            return Response(await self.off_loop(inputs.png, images[0]), media_type="image/png", headers=headers)
+        pngs = await self.off_loop(lambda: [inputs.png(image) for image in images])
         return JSONResponse({
             "input": kind,
             "model": model,
             **extra,
             "parameters": params.as_dict(),
             "original": None if original is None else inputs.to_base64(original),
-            "backbone_view": None if view is None else inputs.to_base64(inputs.png(view)),
-            "reconstructions": [{"seed": seed, "image": inputs.to_base64(inputs.png(image)), "metrics": row}
-                                for seed, image, row in zip(params.seeds, images, rows, strict=True)],
+            "backbone_view": None if view is None else inputs.to_base64(await self.off_loop(inputs.png, view)),
+            "reconstructions": [{"seed": seed, "image": inputs.to_base64(png), "metrics": row}
+                                for seed, png, row in zip(params.seeds, pngs, rows, strict=True)],
             "metrics": _aggregate(rows),
             "seconds": round(time.perf_counter() - started, 4),
         })
@@ -199,8 +218,9 @@ class Ingress:
     # -- request bodies ---------------------------------------------------------------------------
 
     async def body_bytes(self, request: Request, json_key: str) -> bytes:
-        """The upload: multipart field `file`, JSON {json_key: base64}, or the raw body."""
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        """The upload: multipart field `file`, JSON {json_key: base64}, or the raw body (the RequestGuard has
+        checked its content type and size)."""
+        kind = guard.media_type(request.headers)
         if kind == "multipart/form-data":
             form = await request.form()
             upload = form.get("file")
@@ -208,13 +228,7 @@ class Ingress:
                 raise RequestError(400, f"multipart body: expected a file field named 'file', got {sorted(form)}")
             data = await upload.read()
         elif kind == "application/json":
-            try:
-                payload = await request.json()
-            except ValueError:
-                raise RequestError(400, "JSON body: not valid JSON") from None
-            if not isinstance(payload, dict) or not isinstance(payload.get(json_key), str):
-                raise RequestError(400, f"JSON body: expected {{\"{json_key}\": \"<base64>\"}}")
-            data = inputs.from_base64(payload[json_key], json_key)
+            data = await self.off_loop(inputs.from_json, await request.body(), json_key)
         else:
             data = await request.body()
         if not data:
@@ -224,74 +238,38 @@ class Ingress:
     async def image(self, request: Request) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray | None]:
         """(uploaded bytes, the backbone's view, its feature map, its logits)."""
         data = await self.body_bytes(request, "image")
-        limits = self.cfg.serve.limits
-        view = inputs.backbone_view(inputs.decode_image(data, max_pixels=limits.max_pixels, min_side=limits.min_side),
-                                    self.input_size)
+        view = await self.off_loop(inputs.image_view, data, self.cfg.serve.limits, self.input_size)
         features, logits = await self.probe(view)
         return data, view, features, logits
 
-
-def sampling_params(
-        request: Request,
-        model: Annotated[str, Query(pattern=KEY_PATTERN, description="a served FeatInv model (GET /models)")]
-        = models.DEFAULT,
-        seeds: Annotated[list[int] | None, Query(description="one image per seed (repeat: seeds=1&seeds=2)")] = None,
-        steps: Annotated[int | None, Query(description="DDIM steps")] = None,
-        guidance: Annotated[float | None, Query(description="text classifier-free guidance")] = None,
-        control_scale: Annotated[float | None, Query(description="multiplies the ControlNet residuals")] = None,
-        format: Annotated[Literal["json", "png"] | None, Query(description="png: the first image as image/png")]
-        = None) -> Params:
-    """The query parameters every POST shares (a FastAPI dependency)."""
-    return Params(request.app.state.cfg, model, seeds, steps, guidance, control_scale, format,
-                  request.headers.get("accept", ""))
-
-
-# Module level: FastAPI resolves the (string) annotations of routes in this module's namespace.
-Sampled = Annotated[Params, Depends(sampling_params)]
-RunKey = Annotated[str, Query(pattern=KEY_PATTERN, description="a mapping run (GET /models)")]
-SampleKey = Annotated[str, Query(pattern=KEY_PATTERN)]
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a body over `max_bytes`, from Content-Length before anything is read, or
-    while a chunked body streams in. (FastAPI's own max_body_size answers in plain text.)"""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await self.app(scope, _refuse, send)
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise HTTPException(413)  # answered by the app's handler, as JSON
-            return message
-
-        await self.app(scope, counted, send)
-
-
-async def _refuse():
-    raise HTTPException(413)
+    def stored(self, table: str, key: tuple[str, str], column: str):
+        """One stored value of a sample (None when the table has no such row)."""
+        row = self.samples[table].row(key, [column])
+        return None if row is None else row[column]
 
 
 def create_api(ingress: Ingress) -> FastAPI:
     cfg = ingress.cfg
+    s, limits = cfg.serve, cfg.serve.limits
     api = FastAPI(title="featmap: FeatInv as a service", version="1",
-                  description="Feature maps of a vision backbone turned back into images (README: Serving).")
-    api.add_middleware(BodyLimit, max_bytes=cfg.serve.limits.max_body_bytes)
-    api.state.cfg = cfg  # read by `sampling_params`
+                  description="Feature maps of a vision backbone turned back into images (README: Serving).",
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json" if s.docs else None)
+    image_route = image_body(limits.formats)
+    body_types = {"/reconstruct": tuple(image_route["requestBody"]["content"]),
+                  "/reconstruct/mapped": tuple(image_route["requestBody"]["content"]),
+                  "/reconstruct/features": tuple(FEATURES_BODY["requestBody"]["content"])}
+    api.add_middleware(
+        guard.RequestGuard, hosts=guard.allowed_hosts(s.host, s.allowed_hosts),
+        body_types=lambda method, path: body_types.get(path) if method == "POST" else None,
+        routes=guard.matches_a_route(api.router), max_bytes=limits.max_body_bytes,
+        min_rate=limits.min_upload_kb_s * 1024, grace_s=limits.upload_grace_s, deadline_s=limits.request_timeout_s,
+        limit_names={"body": "serve.limits.max_body_mb", "rate": "serve.limits.min_upload_kb_s",
+                     "deadline": "serve.limits.request_timeout_s", "hosts": "serve.allowed_hosts"})
+    Sampled = Annotated[Params, Depends(sampling_dependency(cfg))]
 
-    def error(status: int, message: str, **extra: Any) -> JSONResponse:
-        headers = {"Retry-After": "1"} if status == 503 else None
-        return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+    def error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+        headers = {**(headers or {}), **({"Retry-After": "1"} if status == 503 else {})}
+        return JSONResponse({"error": message, **extra}, status_code=status, headers=headers or None)
 
     @api.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError) -> JSONResponse:
@@ -299,10 +277,7 @@ def create_api(ingress: Ingress) -> FastAPI:
 
     @api.exception_handler(HTTPException)
     async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
-        message = e.detail
-        if e.status_code == 413:
-            message = f"request body larger than serve.limits.max_body_mb ({cfg.serve.limits.max_body_mb} MiB)"
-        return error(e.status_code, str(message))
+        return error(e.status_code, str(e.detail), headers=e.headers)  # e.g. 405 with Allow
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -310,34 +285,34 @@ def create_api(ingress: Ingress) -> FastAPI:
         return error(422, "; ".join(problems), fields=[{"loc": list(err["loc"]), "msg": err["msg"]}
                                                        for err in e.errors()])
 
+    page.add_page(api, s.docs)
 
-    @api.get("/", include_in_schema=False)
-    async def page() -> Response:
-        index = STATIC / "index.html"
-        if not index.is_file():
-            return error(404, "the page is not installed (featmap_ray/serve/static/index.html)")
-        return FileResponse(str(index))
-
-    api.mount("/static", StaticFiles(directory=str(STATIC), check_dir=False), name="static")
-
-    @api.get("/health")
+    @api.get("/health", responses=documented())
     async def health() -> dict[str, Any]:
-        """The ingress answers; which models it routes to."""
-        return {"status": "ok", "featinv": sorted(ingress.featinv), "mapping_runs": len(ingress.mapping_keys)}
+        """The ingress answers; the FeatInv models it routes to (their sources, MLflow aliases resolved to the
+        versions every replica loaded) and how many mapping runs."""
+        return {"status": "ok", "featinv": {m["name"]: m["source"] for m in ingress.catalogue["featinv"]},
+                "mapping_runs": len(ingress.mapping_keys)}
 
-    @api.get("/models")
+    @api.get("/models", responses=documented())
     async def list_models() -> dict[str, Any]:
         """Backbone and layer, FeatInv models and mapping runs, with MLflow run ids and metrics; defaults and limits."""
         return ingress.catalogue
 
-    @api.post("/reconstruct", openapi_extra=IMAGE_BODY)
+    reconstructing = documented(408, 415, 422, 503) | RECONSTRUCTED
+
+    @api.post("/reconstruct", openapi_extra=image_route, responses=reconstructing)
     async def reconstruct_image(request: Request, p: Sampled) -> Response:
         """An uploaded image -> the backbone's view -> its feature map -> FeatInv reconstructions."""
         data, view, features, logits = await ingress.image(request)
         return await ingress.answer("image", p, features, logits, view=view, original=data)
 
-    @api.post("/reconstruct/mapped", openapi_extra=IMAGE_BODY)
-    async def reconstruct_mapped(request: Request, p: Sampled, run: RunKey) -> Response:
+    run_key = (Literal[tuple(ingress.mapping_keys)] if ingress.mapping_keys
+               else Annotated[str, Query(pattern=KEY_PATTERN)])
+
+    @api.post("/reconstruct/mapped", openapi_extra=image_route, responses=documented(404) | reconstructing)
+    async def reconstruct_mapped(request: Request, p: Sampled,
+                                 run: Annotated[run_key, Query(description="a mapping run (GET /models)")]) -> Response:
         """An uploaded image's feature map after mapping run `run`, turned back into images (metrics: the
         mapped map vs each reconstruction's map; classes vs the uploaded image)."""
         if ingress.mapping is None or run not in ingress.mapping_keys:
@@ -348,28 +323,28 @@ def create_api(ingress: Ingress) -> FastAPI:
                                     mapped_vs_input_cos_median_lower=float(median_cosine(
                                         torch.tensor(mapped)[None], torch.tensor(features)[None], "lower")))
 
-    @api.post("/reconstruct/features", openapi_extra=FEATURES_BODY)
+    @api.post("/reconstruct/features", openapi_extra=FEATURES_BODY, responses=reconstructing)
     async def reconstruct_features(request: Request, p: Sampled) -> Response:
         """An uploaded feature map (C, H, W) of the served backbone/layer -> reconstructions (no source image:
         top-1/top-5 are null)."""
-        features = inputs.read_feature_map(await ingress.body_bytes(request, "features"))
+        features = await ingress.off_loop(inputs.read_feature_map, await ingress.body_bytes(request, "features"))
         return await ingress.answer("features", p, features, None)
 
-    @api.post("/reconstruct/sample")
-    async def reconstruct_sample(p: Sampled, source_id: SampleKey, variant: SampleKey = "original") -> Response:
+    sample_key = Annotated[str, Query(pattern=KEY_PATTERN)]
+
+    @api.post("/reconstruct/sample", responses=documented(404, 422, 503) | RECONSTRUCTED)
+    async def reconstruct_sample(p: Sampled, source_id: sample_key, variant: sample_key = "original") -> Response:
         """A stored image (images table) and its stored feature map (features table) -> reconstructions."""
         key = (source_id, variant)
-        st = ingress.store
-        found = st.rows(st.layout.features(ingress.request.name, ingress.layer), [key], ["feature"])
-        images = st.rows(st.layout.images, [key], ["image"])
-        if found.num_rows == 0 or images.num_rows == 0:
-            where = "features" if images.num_rows else "images"
+        found, stored = ingress.stored("features", key, "feature"), ingress.stored("images", key, "image")
+        if found is None or stored is None:
+            where = "features" if stored is not None else "images"
             raise RequestError(404, f"no stored sample {source_id}/{variant} in the {where} table")
-        features = tables.tensor_numpy(found["feature"])[0].astype(np.float32)
-        stored = images["image"][0].as_py()
-        view = backbone_view(stored, ingress.input_size)
+        features = tables.tensor_numpy(found)[0].astype(np.float32)
+        png = stored[0].as_py()
+        view = await ingress.off_loop(backbone_view, png, ingress.input_size)
         _, logits = await ingress.probe(view)
-        return await ingress.answer("sample", p, features, logits, view=view, original=stored,
+        return await ingress.answer("sample", p, features, logits, view=view, original=png,
                                     source_id=source_id, variant=variant)
 
     return api

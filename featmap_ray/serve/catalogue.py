@@ -72,8 +72,9 @@ def _mlflow_runs(cfg: Config, keys: list[str]) -> tuple[dict[str, Any], str | No
         return {}, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def describe(cfg: Config, mapping_keys: list[str]) -> dict[str, Any]:
-    """The body of `GET /models`."""
+def describe(cfg: Config, mapping_keys: list[str], requested: dict[str, str | None]) -> dict[str, Any]:
+    """The body of `GET /models`: `cfg`'s model sources are the pinned versions (`models.pinned`), `requested`
+    what the config asked for (an alias)."""
     from mlflow import MlflowClient
 
     from featmap_ray.io import tracking
@@ -84,7 +85,8 @@ def describe(cfg: Config, mapping_keys: list[str]) -> dict[str, Any]:
     featinv = []
     errors = []
     for name, source in models.allowed_models(cfg).items():
-        entry = {"name": name, "source": source or "fresh from the base UNet", "base_model": cfg.featinv.base_model,
+        entry = {"name": name, "source": source or "fresh from the base UNet",
+                 "requested": requested.get(name, source), "base_model": cfg.featinv.base_model,
                  "mlflow_run_id": None, "metrics": {}}
         try:
             run_id = models.mlflow_run_id(cfg, source)

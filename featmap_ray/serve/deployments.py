@@ -132,17 +132,19 @@ def deployment_name(model: str) -> str:
 
 
 def build_app(cfg: Config) -> serve.Application:
-    """The composed application of the config (nothing is loaded until its replicas start)."""
+    """The composed application of the config (nothing is loaded until its replicas start; MLflow aliases are
+    resolved here, once: `models.pinned`)."""
     from featmap_ray.serve.api import Ingress
     from featmap_ray.serve.catalogue import mapping_run_keys
 
+    requested, cfg = models.allowed_models(cfg), models.pinned(cfg)
     s = cfg.serve
     backbone = Backbone.options(**s.backbone.options()).bind(cfg)
     featinv = {name: FeatInv.options(name=deployment_name(name), **s.featinv.options()).bind(cfg, name)
                for name in models.allowed_models(cfg)}
     keys = mapping_run_keys(cfg)
     mapping = Mapping.options(**s.mapping.options()).bind(cfg, keys) if keys else None
-    return Ingress.options(**s.ingress.options()).bind(cfg, backbone, featinv, mapping)
+    return Ingress.options(**s.ingress.options()).bind(cfg, backbone, featinv, mapping, requested)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -159,7 +161,8 @@ def start(cfg: Config) -> str:
     """Start Serve on `serve.host:serve.port` (loopback by default) in the connected Ray and deploy the
     application without blocking; returns its base URL."""
     s = cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.limits.request_timeout_s})
+    # Serve's own timeout a little later than the ingress's, so that the ingress answers first (504, as JSON).
+    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.limits.request_timeout_s + 5})
     serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
     return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}"

@@ -9,10 +9,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
+import math
 
 import numpy as np
 from PIL import Image
 
+from featmap_ray.config import ServeLimits
 from featmap_ray.io import imageio
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -37,6 +40,17 @@ def from_base64(text: str, what: str) -> bytes:
         raise RequestError(400, f"{what}: not valid base64") from None
 
 
+def from_json(body: bytes, key: str) -> bytes:
+    """The file in a JSON body {key: "<base64 or data URL>"}."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        raise RequestError(400, "JSON body: not valid JSON") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get(key), str):
+        raise RequestError(400, f"JSON body: expected {{\"{key}\": \"<base64>\"}}")
+    return from_base64(payload[key], key)
+
+
 def to_base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -46,17 +60,20 @@ def png(pixels: np.ndarray) -> bytes:
     return imageio.encode_png(Image.fromarray(pixels))
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_side: int) -> Image.Image:
-    """An uploaded image as upright RGB, checked as ingest checks files: the pixel count from the
-    header before any pixel is decoded (decompression bombs: 413), then a full decode (400)."""
+# How each way an upload can fail maps to HTTP: too many pixels is a body too large, a format outside
+# serve.limits.formats an unsupported media type; anything else about the file is a bad request.
+DECODE_STATUS = {"decompression_bomb": 413, "format_not_allowed": 415}
+
+
+def image_view(data: bytes, limits: ServeLimits, size: int) -> np.ndarray:
+    """An uploaded image as `extract` feeds the backbone: decoded as ingest decodes files (format, pixel count
+    and aspect ratio checked from the header before any pixel is decoded), upright RGB, resized (shorter
+    side) and centre-cropped: uint8 (size, size, 3)."""
     try:
-        return imageio.decode_image(data, max_pixels=max_pixels, min_side=min_side, source="uploaded image")
+        image = imageio.decode_image(data, max_pixels=limits.max_pixels, min_side=limits.min_side,
+                                     max_aspect=limits.max_aspect, formats=limits.formats, source="uploaded image")
     except imageio.ImageDecodeError as e:
-        raise RequestError(413 if e.reason == "decompression_bomb" else 400, f"{e} ({e.reason})") from None
-
-
-def backbone_view(image: Image.Image, size: int) -> np.ndarray:
-    """uint8 (size, size, 3): resized (shorter side) and centre-cropped, as `extract` feeds the backbone."""
+        raise RequestError(DECODE_STATUS.get(e.reason, 400), f"{e} ({e.reason})") from None
     return np.asarray(imageio.resize_center_crop(image, size))
 
 
@@ -65,6 +82,7 @@ def read_feature_map(data: bytes) -> np.ndarray:
     `features`), as float32 (C, H, W) or (1, C, H, W); its shape and values are checked against the
     model later."""
     if data.startswith(NPY_MAGIC):
+        _check_npy_header(data)
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as e:  # object arrays (pickle), truncated data, bad header
@@ -79,6 +97,27 @@ def read_feature_map(data: bytes) -> np.ndarray:
         raise RequestError(422, f"feature map: expected one map of shape (C, H, W) or (1, C, H, W), "
                                 f"got shape {tuple(array.shape)}")
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _check_npy_header(data: bytes) -> None:
+    """Refuse a .npy whose header does not describe exactly the bytes that follow it, before numpy allocates
+    the array its header claims (a few bytes can claim terabytes)."""
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, _, dtype = read_header(buf)
+    except ValueError as e:
+        raise RequestError(400, f"feature map (.npy): bad header ({e})") from None
+    if dtype.hasobject:
+        raise RequestError(400, "feature map (.npy): object arrays cannot be loaded without pickle")
+    claimed, held = math.prod(shape) * dtype.itemsize, len(data) - buf.tell()
+    if claimed != held:
+        raise RequestError(400, f"feature map (.npy): its header claims shape {tuple(shape)} of {dtype} "
+                                f"({claimed} bytes), the file holds {held}")
 
 
 def _read_safetensors(data: bytes) -> np.ndarray:

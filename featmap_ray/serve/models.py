@@ -33,6 +33,21 @@ def allowed_models(cfg: Config) -> dict[str, str | None]:
     return {DEFAULT: cfg.featinv.controlnet, **cfg.serve.featinv_models}
 
 
+def pinned(cfg: Config) -> Config:
+    """`cfg` with every allowed model's MLflow alias (`models:/<name>@<alias>`, `models:/<name>/latest`) resolved,
+    once, to the version it names now (`models:/<name>/<version>`): every replica then loads that version,
+    even if the alias moves while the service runs. Other sources are kept as they are."""
+    from featmap_ray.io import tracking
+
+    def pin(source: str | None) -> str | None:
+        return None if source is None else tracking.model_source(cfg, source).registered or source
+
+    out = cfg.model_copy(deep=True)
+    out.featinv.controlnet = pin(cfg.featinv.controlnet)
+    out.serve.featinv_models = {name: pin(source) for name, source in cfg.serve.featinv_models.items()}
+    return out
+
+
 def mlflow_run_id(cfg: Config, source: str | None) -> str | None:
     """The MLflow run a model source belongs to (runs:/ and models:/ URIs; None for a folder)."""
     from featmap_ray.io import tracking

@@ -39,7 +39,9 @@ NAME = "ingest"
 BATCH_SCHEMA = tables.with_error_columns(tables.IMAGES_SCHEMA)
 BUILTIN = "builtin:skimage"  # dataset.root of the embedded demo
 # How an original's pixels are made from its file (recorded in the provenance: another rule is other pixels).
-RESIZE_RULE = "torchvision Resize(image_size, bilinear, antialias) + CenterCrop(image_size)"
+# Only the crop is resampled (imageio.resize_center_crop): torchvision's pixels up to a rare level of rounding,
+# so originals made by the older whole-image resize are refused as made by another rule, not mixed with these.
+RESIZE_RULE = "torchvision Resize(image_size, bilinear, antialias) + CenterCrop(image_size), crop resampled"
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,8 @@ def discover(cfg: DatasetConfig, root: str) -> list[SourceImage]:
 
 def original_row(item: dict, data: bytes, cfg: DatasetConfig) -> dict:
     """Decode, fix orientation and mode, resize + centre-crop, encode as PNG. Raises ImageDecodeError."""
-    img = imageio.decode_image(data, max_pixels=cfg.max_pixels, min_side=cfg.min_side, source=item["path"])
+    img = imageio.decode_image(data, max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_aspect=cfg.max_aspect,
+                               formats=cfg.formats, source=item["path"])
     img = imageio.resize_center_crop(img, cfg.image_size)
     return {
         "source_id": item["source_id"], "variant": tables.ORIGINAL, "dataset": cfg.name, "split": item["split"],

@@ -154,11 +154,21 @@ def _all_reduce(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return on_device.cpu()
 
 
+def write_group_state(path: Path, members, fit) -> None:
+    """A group's checkpoint: every member's state and the group's (tensors, numbers, strings, containers)."""
+    torch.save({"members": {m.digest: m.state_dict() for m in members}, "fit": fit.state_dict()}, path)
+
+
+def read_group_state(path: Path) -> dict[str, Any]:
+    # weights_only: a checkpoint is data; unpickling it never runs code, whoever wrote the file.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _restore(checkpoint) -> dict[str, Any]:
     if checkpoint is None:
         return {"members": {}, "fit": {}}
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d, GROUP_STATE), map_location="cpu", weights_only=False)
+        return read_group_state(Path(d, GROUP_STATE))
 
 
 def train_group(config: dict[str, Any]) -> None:
@@ -203,8 +213,7 @@ def train_group(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0 and save:
-                torch.save({"members": {m.digest: m.state_dict() for m in members}, "fit": fit.state_dict()},
-                           Path(d, GROUP_STATE))
+                write_group_state(Path(d, GROUP_STATE), members, fit)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(_report(members, fit), checkpoint=checkpoint)
 

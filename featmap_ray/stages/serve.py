@@ -24,8 +24,8 @@ def serve_until_interrupted(cfg: Config) -> None:
     from featmap_ray.serve import deployments
 
     url = deployments.start(cfg)
-    print(f"[serve] page: {url}/\n[serve] API docs: {url}/docs  (OpenAPI: {url}/openapi.json)\n"
-          f"[serve] models: {url}/models   Ctrl-C stops the service", flush=True)
+    docs = f"[serve] API docs: {url}/docs  (OpenAPI: {url}/openapi.json)\n" if cfg.serve.docs else ""
+    print(f"[serve] page: {url}/\n{docs}[serve] models: {url}/models   Ctrl-C stops the service", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -22,11 +22,19 @@ const METRIC_HELP = {
 
 // ---- talking to the service ---------------------------------------------------------------------------
 
+// An HTML page's words: its tags (with <head>, <script> and <style> whole) dropped as text first, then
+// its entities decoded. Parsing its elements, even into a detached document, would apply their inline
+// styles, which the page's Content-Security-Policy refuses and reports (featmap_ray/serve/page.py).
+function htmlWords(html) {
+  const words = html.replace(/<(head|script|style)\b[\s\S]*?<\/\1\s*>/gi, " ").replace(/<[^>]*>/g, " ");
+  return new DOMParser().parseFromString(words.replace(/</g, "&lt;"), "text/html").body.textContent;
+}
+
 // A readable message out of an error answer: the service's JSON {"error": "..."}; otherwise (Serve's
 // proxy, a crash) the answer's text, HTML pages reduced to their words.
 function describeError(body, text) {
   if (body && typeof body.error === "string") return body.error;
-  const plain = /^\s*</.test(text) ? new DOMParser().parseFromString(text, "text/html").body.textContent : text;
+  const plain = /^\s*</.test(text) ? htmlWords(text) : text;
   return plain.replace(/\s+/g, " ").trim().slice(0, 500) || "the service gave no details";
 }
 
