@@ -28,8 +28,8 @@ browser:
 	@if [ -x /usr/lib/chromium/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -q --no-install-recommends -y \
-			chromium chromium-driver) || echo "make: could not install chromium chromium-driver; the browser test will skip"; \
-	else echo "make: chromium/chromium-driver missing and apt-get needs root; the browser test will skip"; fi
+			chromium chromium-driver) || echo "make: could not install chromium chromium-driver; the browser tests will fail"; \
+	else echo "make: chromium/chromium-driver missing and apt-get needs root; the browser tests will fail"; fi
 
 setup: $(STAMP) $(MOTO_STAMP)
 

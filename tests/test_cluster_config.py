@@ -106,7 +106,7 @@ def test_node_configs_are_valid_run_instances_parameters():
     """node_config is free-form in Ray's schema (so is provider): a misspelled EC2 field would only fail at
     launch. Ray's AWS provider passes node_config to EC2 RunInstances, so check it against that API's shape,
     from botocore's bundled service model (offline)."""
-    botocore_session = pytest.importorskip("botocore.session")
+    import botocore.session as botocore_session
     from botocore.validate import ParamValidator
 
     shape = botocore_session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
