@@ -44,4 +44,4 @@ def test_gpu_check_dry_run():
     for mode, batch in (("batched", 2), ("unbatched", 1)):
         assert re.search(rf"^  {mode} +max_batch_size +{batch} +{NUMBER} req/s", out, re.M), mode
     assert re.search(rf"batched / unbatched throughput: {NUMBER}x", out)
-    assert re.search(rf"^GPU check done: {NUMBER} s of \d+ s budget$", out, re.M)
+    assert re.search(rf"^GPU check done: parts {NUMBER} s of \d+ s budget; {NUMBER} s in all", out, re.M)
