@@ -1,5 +1,6 @@
 # Two commands: `make demo` (set up, then run the pipeline on the embedded default) and
-# `make test` (set up, then run the test suite). Setup creates .venv when missing.
+# `make test` (set up, then run the test suite); `make benchmark` and `make gpu-check` (on a GPU)
+# measure. Setup creates .venv when missing.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 # moto's S3 server for the loopback cluster test (tests/test_cluster_loopback.py), in a venv of its own:
@@ -7,7 +8,7 @@ STAMP := .venv/.installed
 MOTO_VERSION := 5.2.5
 MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
 
-.PHONY: setup browser demo test benchmark clean
+.PHONY: setup browser demo test benchmark gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -47,6 +48,11 @@ benchmark: setup
 	$(PY) benchmarks/featinv_sampling.py
 	$(PY) benchmarks/serve_throughput.py
 	$(PY) benchmarks/capacity.py
+
+# The GPU run-book (README: Benchmarks): on one CUDA GPU, random weights, nothing downloaded, under 8 minutes.
+# Its CPU dry run (--dry-run, tiny models) is tests/test_gpu_check.py, inside `make test`.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf featmap_data .pytest_cache

@@ -61,7 +61,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, reused by import
 from featinv_sampling import minisd_shaped_base, timed  # noqa: E402
 
-from featmap_ray import backbones, extract, imageio, ingest  # noqa: E402
+from featmap_ray import backbones  # noqa: E402
 from featmap_ray.config import (  # noqa: E402
     BackboneRequest,
     DatasetConfig,
@@ -70,7 +70,9 @@ from featmap_ray.config import (  # noqa: E402
     MappingTraining,
     load_config,
 )
+from featmap_ray.io import imageio  # noqa: E402
 from featmap_ray.manipulations import direct  # noqa: E402
+from featmap_ray.stages import extract, ingest  # noqa: E402
 from featmap_ray.stages.manipulate import variant_row  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

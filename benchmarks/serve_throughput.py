@@ -47,17 +47,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(storage: str, port: int, steps: int, max_batch: int, wait_s: float):
+def _merged(base: dict, update: dict) -> dict:
+    """base with update's keys, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if nested else value
+    return merged
+
+
+def _config(storage: str, port: int, steps: int, max_batch: int, wait_s: float, overrides: dict | None = None):
+    """The benchmark's service (tiny models on CPU), with `overrides` merged in (the GPU check's models and GPUs)."""
     from featmap_ray.config import Config
 
     batching = {"max_batch_size": max_batch, "batch_wait_timeout_s": wait_s, "max_ongoing_requests": 64}
-    return Config.model_validate({
+    return Config.model_validate(_merged({
         "storage": storage, "dataset": {"name": "bench", "root": storage},
         "extract": {"backbones": [TINY_CONVNEXT]},
         "featinv": {"base_model": "tiny", "encoder_hidden_channels": 16},
         "serve": {"port": port, "steps": steps, "seeds": [100], "backbone": batching, "featinv": batching,
                   "ingress": {"max_ongoing_requests": 128}},
-    })
+    }, overrides or {}))
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -114,7 +124,7 @@ def _baseline(ref: str, args, work: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the baseline service of {ref} did not start (exit {child.wait()})")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=160)
@@ -126,18 +136,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per mode")
     parser.add_argument("--baseline", metavar="REF", help="compare with the service of this git commit")
     parser.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve_only:
-        return _serve_until_stdin_closes(args)
+    return parser.parse_args(argv)
 
+
+def measure(args: argparse.Namespace, *, shape: tuple[int, int, int] = SHAPE,
+            overrides: dict | None = None) -> dict[str, tuple[int, float, float, float]]:
+    """{mode: (max_batch_size, req/s, p50 s, p95 s)} of the batched and unbatched applications (or, with
+    args.baseline, of this code's and the baseline's); `shape`: the feature maps sent, `overrides`: merged into
+    the config (the GPU check: real-shaped models, GPUs). Uses the Ray of this process if it has one."""
     import ray
     from ray import serve
 
     from featmap_ray.serve import deployments
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     rng = np.random.default_rng(0)
-    bodies = [_npy(rng.standard_normal(SHAPE).astype(np.float32)) for _ in range(args.requests)]
+    bodies = [_npy(rng.standard_normal(shape).astype(np.float32)) for _ in range(args.requests)]
     modes = ({"current": args.max_batch} if args.baseline else {"batched": args.max_batch, "unbatched": 1})
     seconds = dict.fromkeys([*modes, *(["baseline"] if args.baseline else [])], 0.0)
     latencies: dict[str, list[np.ndarray]] = {mode: [] for mode in seconds}
@@ -145,7 +161,7 @@ def main() -> None:
         port = _free_port()
         urls = {}
         for mode, max_batch in modes.items():  # applications side by side, one route prefix each
-            cfg = _config(storage, port, args.steps, max_batch, args.wait_s)
+            cfg = _config(storage, port, args.steps, max_batch, args.wait_s, overrides)
             cfg.serve.app_name, cfg.serve.route_prefix = mode, f"/{mode}"
             urls[mode] = deployments.start(cfg)
         child = None
@@ -167,10 +183,18 @@ def main() -> None:
             if args.baseline:
                 subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "worktree", "remove",
                                 "--force", str(Path(storage) / "baseline")], check=False, capture_output=True)
-    ray.shutdown()
+    if started:
+        ray.shutdown()
     batch = {**modes, "baseline": args.max_batch}
-    rows = {mode: (batch[mode], args.requests / seconds[mode], *np.percentile(np.concatenate(latencies[mode]), [50, 95]))
+    return {mode: (batch[mode], args.requests / seconds[mode], *np.percentile(np.concatenate(latencies[mode]), [50, 95]))
             for mode in seconds}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.serve_only:
+        return _serve_until_stdin_closes(args)
+    rows = measure(args)
 
     print(f"\nFeatInv service, tiny models on CPU ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores): {args.requests} requests at concurrency {args.concurrency}, "
@@ -182,7 +206,6 @@ def main() -> None:
         print(f"throughput ratio current / baseline ({args.baseline}): {rows['current'][1] / rows['baseline'][1]:.3f}x")
     else:
         print(f"throughput ratio batched / unbatched: {rows['batched'][1] / rows['unbatched'][1]:.2f}x")
-
 
 if __name__ == "__main__":
     main()

@@ -238,6 +238,10 @@ class ExtractConfig(_Strict):
     num_actors: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0)  # per actor; 0 runs on CPU
     dtype: Literal["float16", "float32"] = "float16"
+    # The forward's precision, not the stored dtype: float32, or torch.autocast in bfloat16/float16 (GPU actors'
+    # tensor cores). Other precision, other features: a setting of the tables (recorded unless float32).
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    channels_last: bool = False  # NHWC model and inputs: faster GPU convolutions, the same maps up to rounding
     torch_threads: int | None = Field(None, ge=1)  # CPU actors; None: all cores of the node
     rows_per_commit: int = Field(64, ge=1)  # rows per Lance fragment/commit: the resume granularity
 

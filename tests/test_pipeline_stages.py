@@ -165,3 +165,28 @@ def test_extractor_udfs_turn_corrupt_images_nan_maps_and_failed_forwards_into_fa
 
 def extract_keys(table) -> list[tuple[str, str]]:
     return list(zip(table["source_id"].to_pylist(), table["variant"].to_pylist()))
+
+
+def test_extractor_in_bfloat16_channels_last_matches_float32_and_records_its_precision(ingested):
+    from featmap_ray.config import BackboneRequest
+
+    st = tables.Store(ingested.storage)
+    rows = lance.dataset(st.layout.images).to_table(columns=["source_id", "variant", "split", "class_idx", "image"])
+    batch = extract.preprocess_batch(rows.slice(0, 2), 288, frozenset(extract_keys(rows.slice(0, 2))))
+    request = BackboneRequest(**tiny_backbone("convnext_base"))
+    maps = {}
+    for compute, channels_last in (("float32", False), ("bfloat16", True)):
+        extractor = extract.FeatureExtractor(request, ["stage3"], "float32", use_gpu=False, torch_threads=1,
+                                             compute_dtype=compute, channels_last=channels_last)
+        maps[compute] = tables.tensor_numpy(extractor(batch)["feature:stage3"])
+    exact, fast = maps["float32"].reshape(2, -1), maps["bfloat16"].reshape(2, -1)
+    assert not np.array_equal(exact, fast)  # bfloat16 really computed
+    cos = (exact * fast).sum(1) / (np.linalg.norm(exact, axis=1) * np.linalg.norm(fast, axis=1))
+    assert (cos > 0.99).all(), cos  # bfloat16 keeps ~3 significant digits
+
+    def settings(compute: str) -> dict:
+        cfg = ingested.model_copy(update={"extract": ingested.extract.model_copy(update={"compute_dtype": compute})})
+        return extract.plan_backbones(cfg, st)[0].layer_tables[0].settings
+
+    assert "compute_dtype" not in settings("float32")  # tables made before the setting keep their provenance
+    assert settings("bfloat16")["compute_dtype"] == "bfloat16"

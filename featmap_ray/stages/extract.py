@@ -9,7 +9,8 @@ only receives the keys it does not hold yet.
 Provenance (stages/base.py): each image variant is one group of every features table, made by the
 backbone (name, timm model and its kwargs), the weights source (random + `init_seed`, timm's pretrained
 tag, or a checkpoint path with a sha256 of its content), the layer and its tap, the dtype, the input size,
-and the images group of that variant it read. Other weights refuse before writing; a variant made again
+the compute dtype when not float32 (`extract.compute_dtype`: bfloat16/float16 autocast), and the images
+group of that variant it read. Other weights refuse before writing; a variant made again
 upstream (another manipulate seed, say) makes exactly its features rows stale; `--overwrite` recomputes
 exactly the stale rows. Another backbone or layer is another table, written alongside.
 """
@@ -57,10 +58,13 @@ def preprocess_batch(batch: pa.Table, size: int, pending: frozenset[tuple[str, s
 class FeatureExtractor:
     """Ray Data actor: uint8 pixels -> one fixed-shape tensor column per layer."""
 
-    def __init__(self, request: BackboneRequest, layers: list[str], dtype: str, use_gpu: bool, torch_threads: int | None):
+    def __init__(self, request: BackboneRequest, layers: list[str], dtype: str, use_gpu: bool, torch_threads: int | None,
+                 compute_dtype: str = "float32", channels_last: bool = False):
         self.device = runtime.actor_device(use_gpu, torch_threads)
         self.spec = backbones.get_spec(request.name)
-        self.model = backbones.build_model(self.spec, request, self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = backbones.build_model(self.spec, request, self.device).to(memory_format=self.memory_format)
+        self.autocast = None if compute_dtype == "float32" else getattr(torch, compute_dtype)
         self.layers, self.dtype = layers, dtype
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -71,9 +75,9 @@ class FeatureExtractor:
         ids, variants = batch["source_id"].to_pylist(), batch["variant"].to_pylist()
         features = {}
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
                 pixels = torch.from_numpy(tables.tensor_numpy(batch["pixels"]).copy())  # Arrow memory is read-only
-                x = backbones.normalise(pixels.to(self.device), self.spec)
+                x = backbones.normalise(pixels.to(self.device), self.spec).contiguous(memory_format=self.memory_format)
                 taps = backbones.forward_taps(self.model, self.spec, self.layers, x)
             for layer, t in taps.items():
                 values = backbones.to_numpy(t, self.dtype)
@@ -141,6 +145,8 @@ def plan_backbones(cfg: Config, st: tables.Store) -> list[BackbonePlan]:
             tables.check_schema(uri, schema)
             settings = {**meta, "model_kwargs": request.model_kwargs, **weights}
             settings.pop("layout")  # the stored layout of every table, not a setting
+            if cfg.extract.compute_dtype != "float32":  # absent at float32: tables made before it keep their provenance
+                settings["compute_dtype"] = cfg.extract.compute_dtype
             layer_tables.append(LayerTable(tables.Target(uri, schema, columns={"feature": feature_column(layer)}), settings))
         plans.append(BackbonePlan(request, spec, layers, layer_tables))
     return plans
@@ -189,7 +195,8 @@ def run(cfg: Config) -> list[base.StageSummary]:
                 .map_batches(preprocess_batch, batch_size=ex.batch_size, batch_format="pyarrow",
                              fn_kwargs={"size": spec.input_size, "pending": pending})
                 .map_batches(FeatureExtractor, batch_size=ex.batch_size, batch_format="pyarrow",
-                             fn_constructor_args=(request, layers, ex.dtype, ex.num_gpus > 0, ex.torch_threads),
+                             fn_constructor_args=(request, layers, ex.dtype, ex.num_gpus > 0, ex.torch_threads,
+                                                  ex.compute_dtype, ex.channels_last),
                              compute=ray.data.ActorPoolStrategy(size=ex.num_actors), num_gpus=ex.num_gpus)
             )
         uris = {t.uri for t in targets}
