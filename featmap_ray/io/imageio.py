@@ -23,6 +23,8 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from featmap_ray.config import INGEST_FORMATS
+
 __all__ = [
     "ImageDecodeError",
     "decode_image",
@@ -35,9 +37,8 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 89_478_485
 # Longer side / shorter side beyond which an image is refused from its header.
 DEFAULT_MAX_ASPECT = 10.0
-# Pillow format names opened by default (the same list as featmap_ray.config.INGEST_FORMATS; this module
-# takes formats as an argument and does not import the config). Never EPS (Ghostscript), FITS, ICNS, ICO.
-DEFAULT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+# Pillow format names opened by default: ingest's. Never EPS (Ghostscript), FITS, ICNS, ICO.
+DEFAULT_FORMATS = tuple(INGEST_FORMATS)
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 # PIL's OSError messages when the data ends early all contain this word: "image file is
@@ -259,6 +260,12 @@ def _source_span(start: int, size: int, side: int, new_side: int) -> tuple[float
         return 0.0, float(side)
     scale = side / new_side
     return max(0.0, start * scale), min(float(side), (start + size) * scale)
+
+
+def media_type(fmt: str) -> str:
+    """The media type Pillow registers for one of its format names (e.g. "PNG" -> "image/png")."""
+    Image.init()
+    return Image.MIME[fmt]
 
 
 def encode_png(img: Image.Image) -> bytes:

@@ -40,7 +40,7 @@ from featmap_ray.config import Config
 from featmap_ray.cosine import median_cosine
 from featmap_ray.featinv.data import backbone_view, featinv_backbone
 from featmap_ray.featinv.metrics import classifier_agreement
-from featmap_ray.io import tables
+from featmap_ray.io import imageio, tables
 from featmap_ray.serve import catalogue, guard, inputs, page
 from featmap_ray.serve.inputs import RequestError
 from featmap_ray.serve.params import Params, sampling_dependency
@@ -51,9 +51,6 @@ RETRYABLE = (RayActorError, ActorUnavailableError)
 # Decoding, resizing and parsing uploads happen here, off the event loop; at most this many at once, which
 # also bounds their memory (each is within serve.limits.max_pixels).
 DECODE_THREADS = 4
-# Media types of the image formats serve.limits.formats may allow.
-IMAGE_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "BMP": "image/bmp",
-                     "TIFF": "image/tiff", "GIF": "image/gif", "PPM": "image/x-portable-anymap"}
 BINARY = {"type": "string", "format": "binary"}
 
 
@@ -95,7 +92,7 @@ def image_body(formats: list[str]) -> dict[str, Any]:
     """The request body of the image routes, one entry per content type the route takes."""
     content = {"multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                                   "properties": {"file": BINARY}}}}
-    content.update({IMAGE_MEDIA_TYPES[f]: {"schema": BINARY} for f in formats})
+    content.update({imageio.media_type(f): {"schema": BINARY} for f in formats})
     content["application/octet-stream"] = {"schema": BINARY}
     content["application/json"] = {"schema": {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "description": "base64 of the image file (or a data URL)"}}}}
