@@ -43,6 +43,7 @@ from featmap_ray.mapping import artefacts, grid
 from featmap_ray.serve import deployments, models
 from featmap_ray.stages import extract, ingest
 from tests.conftest import TINY_BACKBONES, make_config, write_image
+from tests.image_corpus import blank_png, encode, eps_file, fits_file
 from tests.ray_cluster import BIN, REPO, clean_env, free_ports
 
 # One torch thread here, as in each replica (num_cpus 1): the library's images are then computed alike.
@@ -427,50 +428,27 @@ def _peak_growth_mb(process: psutil.Process, send) -> tuple[requests.Response, f
     return response, (_kib(process, "VmHWM") - before) / 1024
 
 
-def _blank_png(width: int, height: int) -> bytes:
-    """A valid RGB PNG of zeros: a few KB on the wire, width x height x 3 bytes once decoded."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    rows = zlib.compress(b"\0" * ((1 + 3 * width) * height), 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
-
-
 def test_elongated_images_are_refused_from_the_header_and_big_ones_cost_what_the_output_needs(service):
     ingress = _ingress()
     assert _post(service, "/reconstruct", data=_uploaded()[0]).status_code == 200  # a warm service is measured
     for width, height in ((32, 100_000), (100_000, 32), (8, 3_000_000)):
-        data = _blank_png(width, height)
+        data = blank_png(width, height)
         response, growth = _peak_growth_mb(ingress, lambda: _post(service, "/reconstruct", data=data))
         assert response.status_code == 400 and "(aspect_ratio)" in response.json()["error"], response.text
         assert growth < 100, (width, height, growth)
     # 12 megapixels within every limit: decoded once (36 MB), then only the crop is resized.
-    response, growth = _peak_growth_mb(ingress, lambda: _post(service, "/reconstruct", data=_blank_png(4000, 3000)))
+    response, growth = _peak_growth_mb(ingress, lambda: _post(service, "/reconstruct", data=blank_png(4000, 3000)))
     assert response.status_code == 200, response.text
     assert growth < 100, growth
 
 
-def _eps() -> bytes:
-    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n"
-
-
-def _fits() -> bytes:
-    cards = ["SIMPLE  =                    T", "BITPIX  =                    8", "NAXIS   =                    2",
-             "NAXIS1  =                   64", "NAXIS2  =                   64", "END"]
-    header = "".join(card.ljust(80) for card in cards).ljust(2880).encode()
-    return header + b"\0" * 2880 * 2
-
-
 def _saved(fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(buf, fmt)
-    return buf.getvalue()
+    return encode(Image.fromarray(np.full((64, 64, 3), 90, np.uint8)), fmt)
 
 
 @pytest.mark.parametrize("fmt", ["EPS", "FITS", "ICO", "ICNS", "BMP"])
 def test_formats_outside_the_allow_list_are_415_and_start_no_process(service, fmt):
-    data = {"EPS": _eps, "FITS": _fits}.get(fmt, lambda: _saved(fmt))()
+    data = {"EPS": eps_file, "FITS": fits_file}.get(fmt, lambda: _saved(fmt))()
     ingress = _ingress()
     children = {p.pid for p in ingress.children(recursive=True)}
     for kwargs in ({"data": data, "headers": {"Content-Type": "image/png"}}, {"files": {"file": ("x.png", data)}}):
