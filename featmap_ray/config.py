@@ -80,7 +80,7 @@ class MlflowConfig(_Strict):
             raise ValueError(
                 f"mlflow.tracking_uri must be set when storage is an object store ({storage}): MLflow's default "
                 "SQLite database cannot live there. Set mlflow.tracking_uri=http://HOST:5000 (an MLflow server "
-                "every node reaches, for a cluster; README: MLflow) or mlflow.tracking_uri=sqlite:////abs/path/"
+                "every node reaches, for a cluster; see docs/how-to/mlflow.md) or mlflow.tracking_uri=sqlite:////abs/path/"
                 "mlflow.db (one machine)")
 
 
@@ -154,7 +154,7 @@ class EditPrompt(_Strict):
 
 class EditConfig(_Strict):
     """`featmap edit`: semantic edits of the originals by a diffusers image-editing pipeline, on an actor
-    pool, as new variants of the images table (README: Semantic edits). Defaults are the reference's (spec §3)."""
+    pool, as new variants of the images table (docs/how-to/semantic-edits.md). Defaults are the reference's (spec §3)."""
 
     # A hub id resolved in the local Hugging Face cache or a local folder in diffusers layout (the pipeline
     # class comes from its model_index.json), or "tiny": a random tiny QwenImageEditPlusPipeline (tests, demos).
@@ -333,8 +333,8 @@ class MappingConfig(_Strict):
 
 
 class ReconEvalConfig(_Strict):
-    """`featmap recon-eval`: mapping runs judged as images through FeatInv (FeatMap §7; README: Reconstruction
-    evaluation). FeatInv's model, sampling settings and (backbone, layer) are featinv.*."""
+    """`featmap recon-eval`: mapping runs judged as images through FeatInv (FeatMap §7; docs/concepts/recon-eval.md).
+    FeatInv's model, sampling settings and (backbone, layer) are featinv.*."""
 
     runs: list[str] | None = None  # run keys of mapping.study; None: every finished run of FeatInv's (backbone, layer)
     subset_size: int = Field(100, ge=1)  # held-out sources per (dataset, manipulation): a seeded choice
@@ -419,7 +419,7 @@ class FeatInvTraining(_Strict):
 
 class FeatInvBaseTraining(_Strict):
     """`featinv.base_model: trained`: the tiny Stable Diffusion base that `featmap featinv-train` first trains on
-    the stored images (README: FeatInv on a CPU), for machines that cannot download a pretrained one. The
+    the stored images (docs/how-to/featinv-training.md: A base trained here), for machines that cannot download a pretrained one. The
     VAE learns to reconstruct the images (MSE + kl_weight·KL), then the UNet to denoise their latents (the
     ControlNet recipe's loss, without a ControlNet). Images, split and variants are featinv.training's."""
 
@@ -449,7 +449,7 @@ class FeatInvEval(_Strict):
 
 
 class FeatInvViz(_Strict):
-    """`featmap featinv-viz` (spec §10.9, §10.10; README: FeatInv-Viz): concept steering, interpolation, composition."""
+    """`featmap featinv-viz` (spec §10.9, §10.10; docs/concepts/featinv-viz.md): concept steering, interpolation, composition."""
 
     # The images: the stored maps of class_name's images, or of these source ids; neither: the first class by name.
     class_name: str | None = None
@@ -497,7 +497,7 @@ class FeatInvConfig(_Strict):
 
 
 class ServeDeployment(_Strict):
-    """Ray Serve options of one deployment of the service (README: Serving)."""
+    """Ray Serve options of one deployment of the service (docs/how-to/serving.md)."""
 
     num_replicas: int = Field(1, ge=1)  # ignored when autoscaling_config is set
     ray_actor_options: dict[str, Any] = {"num_cpus": 1}  # e.g. {num_cpus: 1, num_gpus: 0.25}
@@ -545,7 +545,7 @@ class ServeLimits(_Strict):
 
 
 class ServeConfig(_Strict):
-    """`featmap serve`: FeatInv over HTTP (README: Serving)."""
+    """`featmap serve`: FeatInv over HTTP (docs/concepts/service.md, docs/how-to/serving.md)."""
 
     host: str = "127.0.0.1"  # loopback unless said otherwise: the service has no authentication
     # Host header values (names or addresses, no port) the service answers, against DNS rebinding; the bind
