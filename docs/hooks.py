@@ -64,8 +64,7 @@ def cli_reference() -> str:
         for action in sub._actions:
             names = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.metavar or action.dest}`"
             arg = "" if not action.option_strings or action.nargs == 0 else f"`{action.metavar or action.dest.upper()}`"
-            help_text = (action.help or "").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-            out.append(f"| {names} | {arg} | {help_text} |")
+            out.append(f"| {names} | {arg} | {_cell(action.help or '')} |")
         out += ["", _fence(sub.format_help()), ""]
     return "\n".join(out)
 
@@ -175,7 +174,13 @@ def _doc(model: type) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    """Text for one table cell: one line; outside code spans pipes escaped and `<` `>` as entities (Markdown
+    would take `<storage>` for an HTML tag); inside backticks shown as written (the table parser skips them)."""
+    parts = " ".join(text.split()).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: no code spans
+        parts = ["\\`".join(parts)]
+    return "`".join(p if i % 2 else p.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+                    for i, p in enumerate(parts))
 
 
 def _code(text: str) -> str:
