@@ -1,6 +1,6 @@
 # Two commands: `make demo` (set up, then run the pipeline on the embedded default) and
-# `make test` (set up, then run the test suite); `make benchmark` and `make gpu-check` (on a GPU)
-# measure. Setup creates .venv when missing.
+# `make test` (set up, build the documentation site, then run the test suite); `make benchmark` and
+# `make gpu-check` (on a GPU) measure; `make docs` builds the site alone. Setup creates .venv when missing.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 # moto's S3 server for the loopback cluster test (tests/test_cluster_loopback.py), in a venv of its own:
@@ -8,7 +8,7 @@ STAMP := .venv/.installed
 MOTO_VERSION := 5.2.5
 MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
 
-.PHONY: setup browser demo test benchmark gpu-check clean
+.PHONY: setup browser demo docs test benchmark gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -38,7 +38,13 @@ setup: $(STAMP) $(MOTO_STAMP)
 demo: setup
 	.venv/bin/featmap demo --config conf/demo.yaml
 
-test: setup browser
+# The documentation site (mkdocs.yml, docs/): --strict fails on a broken link, a missing page or anchor, or a
+# reference generator that breaks (docs/hooks.py builds the CLI, config and table reference from the code).
+# Written to site/ (ignored by git).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+test: setup browser docs
 	.venv/bin/lint-imports
 	$(PY) -m pytest -q
 
@@ -49,10 +55,10 @@ benchmark: setup
 	$(PY) benchmarks/serve_throughput.py
 	$(PY) benchmarks/capacity.py
 
-# The GPU run-book (README: Benchmarks): on one CUDA GPU, random weights, nothing downloaded, under 8 minutes.
+# The GPU run-book (docs/benchmarks/gpu-run-book.md): on one CUDA GPU, random weights, nothing downloaded, under 8 minutes.
 # Its CPU dry run (--dry-run, tiny models) is tests/test_gpu_check.py, inside `make test`.
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py
 
 clean:
-	rm -rf featmap_data .pytest_cache
+	rm -rf featmap_data .pytest_cache site

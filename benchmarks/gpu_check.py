@@ -51,7 +51,7 @@ import serve_throughput  # noqa: E402
 
 PARTS = ["extract", "featinv", "editor", "serve"]
 # Seconds per part on the GPU, 7 minutes in all: the sizes below are chosen to fit (from public H100/A100
-# figures, README: GPU run-book); the rest of the 8 minutes is imports and Ray's start.
+# figures, docs/benchmarks/gpu-run-book.md); the rest of the 8 minutes is imports and Ray's start.
 BUDGET_S = {"extract": 120, "featinv": 120, "editor": 60, "serve": 120}
 # The dry run on 2 CPU cores: Ray's start, the extract job's actor and Serve's six replicas (each importing
 # torch) are most of it.

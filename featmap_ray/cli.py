@@ -63,7 +63,7 @@ def _required(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
 
 
 def _keys_help(keys: tuple[str, ...]) -> str:
-    return "\n".join(["config keys it reads (in the --config file or as key=value; README: Configuration):",
+    return "\n".join(["config keys it reads (--config file or key=value; docs/reference/configuration.md):",
                       *map(_key_line, keys),
                       f"* required. Every command needs {' and '.join(_required())}: the config is checked whole."])
 
@@ -124,7 +124,7 @@ def config_path(path: str | None) -> str:
 
 
 def command_table(stages: dict[str, base.Stage]) -> str:
-    """The README's command table (Markdown), from the registry."""
+    """The command table (Markdown), from the registry: the documentation's (docs/hooks.py)."""
     def cell(text: str) -> str:  # "<storage>" is text, not an HTML tag
         return text.replace("<", "&lt;").replace(">", "&gt;") or "-"
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return stage.main(subparsers[name].parse_args(argv))
     args = subparsers[name].parse_intermixed_args(argv)
     # The console shows progress, summaries, featmap's warnings and errors; the libraries' logs go to
-    # the command's log file (-v: here as well). README: Running commands.
+    # the command's log file (-v: here as well). docs/concepts/pipeline.md: What a command prints.
     with console.Console(name, verbose=args.verbose, logs=stage.starts_ray) as out:
         try:
             overrides = [*args.overrides, *(["overwrite=true"] if getattr(args, "overwrite", False) else [])]

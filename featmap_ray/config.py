@@ -94,7 +94,7 @@ class MlflowConfig(_Strict):
             raise ValueError(
                 f"mlflow.tracking_uri must be set when storage is an object store ({storage}): MLflow's default "
                 "SQLite database cannot live there. Set mlflow.tracking_uri=http://HOST:5000 (an MLflow server "
-                "every node reaches, for a cluster; README: MLflow) or mlflow.tracking_uri=sqlite:////abs/path/"
+                "every node reaches, for a cluster; see docs/how-to/mlflow.md) or mlflow.tracking_uri=sqlite:////abs/path/"
                 "mlflow.db (one machine)")
 
 
@@ -210,7 +210,7 @@ class EditPrompt(_Strict):
 
 class EditConfig(_Strict):
     """`featmap edit`: semantic edits of the originals by a diffusers image-editing pipeline, on an actor
-    pool, as new variants of the images table (README: Semantic edits). Defaults are the reference's (spec §3)."""
+    pool, as new variants of the images table (docs/how-to/semantic-edits.md). Defaults are the reference's (spec §3)."""
 
     model: str = Field(
         "Qwen/Qwen-Image-Edit-2511",
@@ -507,8 +507,8 @@ class MappingConfig(_Strict):
 
 
 class ReconEvalConfig(_Strict):
-    """`featmap recon-eval`: mapping runs judged as images through FeatInv (FeatMap §7; README: Reconstruction
-    evaluation). FeatInv's model, sampling settings and (backbone, layer) are featinv.*."""
+    """`featmap recon-eval`: mapping runs judged as images through FeatInv (FeatMap §7; docs/concepts/recon-eval.md).
+    FeatInv's model, sampling settings and (backbone, layer) are featinv.*."""
 
     runs: list[str] | None = Field(
         None, description="Run keys of mapping.study to evaluate; null: every finished run of FeatInv's (backbone, "
@@ -651,7 +651,7 @@ class FeatInvTraining(_Strict):
 
 class FeatInvBaseTraining(_Strict):
     """`featinv.base_model: trained`: the tiny Stable Diffusion base that `featmap featinv-train` first trains on
-    the stored images (README: FeatInv on a CPU), for machines that cannot download a pretrained one. The
+    the stored images (docs/how-to/featinv-training.md: A base trained here), for machines that cannot download a pretrained one. The
     VAE learns to reconstruct the images (MSE + kl_weight·KL), then the UNet to denoise their latents (the
     ControlNet recipe's loss, without a ControlNet). Images, split and variants are featinv.training's."""
 
@@ -690,7 +690,7 @@ class FeatInvEval(_Strict):
 
 
 class FeatInvViz(_Strict):
-    """`featmap featinv-viz` (spec §10.9, §10.10; README: FeatInv-Viz): concept steering, interpolation, composition."""
+    """`featmap featinv-viz` (spec §10.9, §10.10; docs/concepts/featinv-viz.md): concept steering, interpolation, composition."""
 
     class_name: str | None = Field(
         None, description="The images: the stored maps of this class's images; null and no source_ids: the first "
@@ -763,7 +763,7 @@ class FeatInvConfig(_Strict):
 
 
 class ServeDeployment(_Strict):
-    """Ray Serve options of one deployment of the service (README: Serving)."""
+    """Ray Serve options of one deployment of the service (docs/how-to/serving.md)."""
 
     num_replicas: int = Field(1, ge=1, description="Replicas; not used when autoscaling_config is set.")
     ray_actor_options: dict[str, Any] = Field(
@@ -829,7 +829,7 @@ class ServeLimits(_Strict):
 
 
 class ServeConfig(_Strict):
-    """`featmap serve`: FeatInv over HTTP (README: Serving)."""
+    """`featmap serve`: FeatInv over HTTP (docs/concepts/service.md, docs/how-to/serving.md)."""
 
     host: str = Field(
         "127.0.0.1", description="Address Serve's HTTP proxy binds; loopback unless said otherwise, as the service "

@@ -1,8 +1,8 @@
 """Shared body of the `jobs/<stage>.py` scripts run by `ray job submit --working-dir . -- python jobs/<stage>.py`.
 
-The scripts are written from the stage registry (`python jobs/_entry.py` rewrites them, and the README's
-command table): one per command that runs on Ray, except `serve` (a service: `serve run conf/serve.yaml` /
-`serve deploy` on a cluster).
+The scripts are written from the stage registry (`python jobs/_entry.py` rewrites them; the documentation's
+command table is generated from the same registry when the site is built, docs/hooks.py): one per command
+that runs on Ray, except `serve` (a service: `serve run conf/serve.yaml` / `serve deploy` on a cluster).
 
 The working dir is unpacked into a temporary folder on the cluster, which becomes the job's CWD,
 and `featmap_ray` may not be installed there: the repository root goes first on sys.path. A
@@ -81,23 +81,9 @@ def scripts() -> dict[str, str]:
             for name, stage in base.registry().items() if stage.starts_ray and name != "serve"}
 
 
-README_TABLE = ("<!-- commands:start -->\n", "<!-- commands:end -->")
-
-
-def readme_with_table(readme: str) -> str:
-    """The README with its command table (between the two markers) made from the registry."""
-    from featmap_ray import cli
-    from featmap_ray.stages import base
-
-    start, end = readme.index(README_TABLE[0]) + len(README_TABLE[0]), readme.index(README_TABLE[1])
-    return readme[:start] + cli.command_table(base.registry()) + "\n" + readme[end:]
-
-
-if __name__ == "__main__":  # rewrite the scripts and the README's command table
+if __name__ == "__main__":  # rewrite the scripts
     here = Path(__file__).parent
     for stale in set(p.name for p in here.glob("[!_]*.py")) - set(scripts()):
         (here / stale).unlink()
     for file, text in scripts().items():
         (here / file).write_text(text)
-    readme = here.parent / "README.md"
-    readme.write_text(readme_with_table(readme.read_text()))

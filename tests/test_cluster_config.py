@@ -165,7 +165,7 @@ def test_head_starts_ray_with_the_autoscaler_and_an_mlflow_server():
         "the tracking server needs a database backend store"
     assert re.search(r"--artifacts-destination (s3|gs)://\S+", server), "artefacts go to object storage"
     # The head's private address (the first of `hostname -I`), never every interface: the server has no
-    # authentication of its own (README: Cluster use).
+    # authentication of its own (docs/how-to/mlflow.md: A shared tracking server).
     assert "H=$(hostname -I)" in server and "--host ${H%% *}" in server and "--port 5000" in server
     assert "0.0.0.0" not in server
     assert server.rstrip().endswith("&"), "the server runs in the background"

@@ -1,4 +1,4 @@
-"""What a command prints (README: Running commands): progress, the stages' summaries, featmap's own
+"""What a command prints (docs/concepts/pipeline.md: What a command prints): progress, the stages' summaries, featmap's own
 warnings and errors, and the log file's name; the logs of Ray and the other libraries go to
 <storage>/logs/<command>-<timestamp>.log, and `-v` shows them as well.
 

@@ -1,6 +1,6 @@
 """The service's ingress: a FastAPI app inside a Ray Serve deployment (validation, routing, the page).
 
-Routes (README: Serving; the OpenAPI schema is at /docs and /openapi.json):
+Routes (docs/concepts/service.md; the OpenAPI schema is at /docs and /openapi.json):
 
     GET  /                        the page (static/index.html; static/ is mounted at /static)
     GET  /health                  {"status": "ok", ...}
@@ -249,7 +249,7 @@ def create_api(ingress: Ingress) -> FastAPI:
     cfg = ingress.cfg
     s, limits = cfg.serve, cfg.serve.limits
     api = FastAPI(title="featmap: FeatInv as a service", version="1",
-                  description="Feature maps of a vision backbone turned back into images (README: Serving).",
+                  description="Feature maps of a vision backbone turned back into images (featmap-ray: docs/concepts/service.md).",
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json" if s.docs else None)
     image_route = image_body(limits.formats)
     body_types = {"/reconstruct": tuple(image_route["requestBody"]["content"]),

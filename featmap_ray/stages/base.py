@@ -2,7 +2,7 @@
 
 A `Stage` names its command, help and the config keys it reads, the checks that run before Ray
 starts, its body, and (for `featmap status`) how to tell whether what it wrote is up to date. The
-CLI, `jobs/`, `featmap info`/`status` and the README's command table are built from `registry()`.
+CLI, `jobs/`, `featmap info`/`status` and the documentation's command table are built from `registry()`.
 
 Provenance. Every resumable output records the settings that made it. A table's rows come in
 groups (`Group`: the rows one set of settings made, e.g. one variant of the images table, or one

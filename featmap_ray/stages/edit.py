@@ -199,7 +199,7 @@ def status(cfg: Config) -> list[base.OutputStatus]:
 def check_prompts(cfg: Config) -> None:
     """edit.prompts names something to do, and edit.model is here and suits the settings."""
     if not any(cfg.edit.prompts.values()):
-        raise ValueError("edit.prompts is empty: nothing to edit (give prompts per dataset name; README: Semantic edits)")
+        raise ValueError("edit.prompts is empty: nothing to edit (give prompts per dataset name; see docs/how-to/semantic-edits.md)")
     check_model(cfg)
 
 

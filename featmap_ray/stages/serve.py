@@ -39,6 +39,6 @@ STAGE = base.Stage(
     "serve", "FeatInv as a service: web page + HTTP API on Ray Serve (until Ctrl-C)", serve_until_interrupted,
     details="Starts the composed application (ingress, backbone, FeatInv and mapping deployments) on "
             "serve.host:serve.port (127.0.0.1 by default) and prints the page's and the API docs' URLs. On a "
-            "cluster use conf/serve.yaml with `serve run` / `serve deploy` (README: Serving).",
+            "cluster use conf/serve.yaml with `serve run` / `serve deploy` (docs/how-to/serving.md).",
     keys=(*base.RAY_KEYS, "serve", "serve.limits", "serve.featinv", "featinv", "extract.backbones"),
     checks=(check_featinv, check_catalogue), reads=("featinv", "runs", "images", "features"))
