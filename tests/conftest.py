@@ -20,8 +20,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # The S3 API server on loopback that the object-store tests use (started by `s3_server`), named
 # through the standard AWS variables as a user's object store is: set now, before any Ray
 # process starts, so that every Ray worker of the session inherits them. Tests never reach AWS.
-# (Test modules import this file a second time as tests.conftest: the endpoint is chosen once.)
-S3_ENDPOINT = os.environ.setdefault("FEATMAP_TEST_S3_ENDPOINT", f"http://127.0.0.1:{ray_cluster.free_ports(1)[0]}")
+# (Test modules import this file a second time as tests.conftest: the endpoint is chosen once. Each
+# pytest-xdist worker has its own server, so the variable is per worker: a worker inherits the
+# controller's environment.)
+S3_ENDPOINT = os.environ.setdefault(f"FEATMAP_TEST_S3_ENDPOINT_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}",
+                                    f"http://127.0.0.1:{ray_cluster.free_ports(1)[0]}")
 os.environ.update(ray_cluster.s3_env(S3_ENDPOINT), AWS_EC2_METADATA_DISABLED="true")
 
 # Random-weight variants of the registered architectures (same classes, smaller widths/depths).
@@ -117,3 +120,23 @@ def class_folders(tmp_path) -> Path:
                 write_image(root / "images" / split / cls / f"{i:05d}.png", seed=seed)
                 seed += 1
     return root
+
+
+# The modules that take minutes, longest first. `make test` runs two pytest-xdist workers that take
+# whole files (--dist loadfile) in collection order: the long ones start first, so the two workers
+# finish together instead of one waiting on a long file picked up last.
+LONG_MODULES = ["test_mapping_study.py", "test_featinv_demo.py", "test_serve.py", "test_edit.py", "test_cli.py",
+                "test_provenance_featinv.py", "test_cluster_loopback.py", "test_object_store.py", "test_jobs.py",
+                "test_provenance_study.py", "test_gpu_check.py", "test_featinv_reconstruct.py",
+                "test_provenance_pipeline.py", "test_featinv_train.py", "test_serve_load.py", "test_pipeline_stages.py",
+                "test_storage.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long modules first (see LONG_MODULES); every test that needs Ray, the S3 server or an MLflow server is `slow`, so
+    `make test-fast` (-m "not slow") is the library tests alone."""
+    for item in items:
+        if {"ray_session", "s3_server", "mlflow_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -110,6 +110,7 @@ def _status(cfg: Config, run_name: str) -> str:
     return run.info.status
 
 
+@pytest.mark.slow  # starts its own Ray
 def test_an_exception_inside_a_stage_ends_its_mlflow_runs_failed(tmp_path, monkeypatch):
     import ray
 

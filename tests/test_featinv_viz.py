@@ -142,18 +142,18 @@ def test_interpolation_composition_and_regions():
 
 # -- with FeatInv ----------------------------------------------------------------------------------
 
-def perturb(model: torch.nn.Module, seed: int) -> None:
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
     """A "trained" ControlNet: weights moved off their (zero-conv) initialisation, so features steer the image."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def test_interpolation_ends_reproduce_the_reconstructions_of_a_and_b(single_torch_thread):
     torch.manual_seed(0)
     pipe = loading.build_featinv(loading.tiny_base_components(seed=0), feature_channels=8, encoder_hidden_channels=16)
-    perturb(pipe.controlnet, seed=1)
+    perturb(pipe.controlnet, seed=1, scale=0.5)  # enough for the two maps to give clearly different images
     pipe.set_progress_bar_config(disable=True)
     a, b = np.random.default_rng(4).normal(size=(2, 8, 5, 5)).astype(np.float32)
 
@@ -161,9 +161,13 @@ def test_interpolation_ends_reproduce_the_reconstructions_of_a_and_b(single_torc
         return np.stack([np.asarray(im) for im in pipe(torch.from_numpy(np.stack(maps)), seeded_generators([7, 7]),
                                                        num_inference_steps=2).images])
 
-    ends = images([viz.interpolate(a, b, 0.0), viz.interpolate(a, b, 1.0)])
-    np.testing.assert_array_equal(ends, images([a, b]))  # same maps, same seed: the same pixels
-    assert not np.array_equal(ends[0], ends[1])  # and the two maps do steer the sample
+    ends = images([viz.interpolate(a, b, 0.0), viz.interpolate(a, b, 1.0)]).astype(int)
+    direct = images([a, b]).astype(int)
+    # Same maps, same seeds, same batch: the same images, up to a grey level of float rounding in the
+    # uint8 conversion (interpolate's ends are the maps exactly, tested above).
+    assert np.abs(ends - direct).max() <= 1
+    # And the two maps do steer the sample: far more than rounding apart.
+    assert np.abs(ends[0] - ends[1]).mean() > 5, np.abs(ends[0] - ends[1]).mean()
 
 
 FEATINV = {"base_model": "tiny", "encoder_hidden_channels": 16, "sampling": {"steps": 2, "batch_size": 8},

@@ -121,6 +121,7 @@ def start_writer(artefact: Artefact, dest: Location, payload: str, tmp: Path) ->
     return proc
 
 
+@pytest.mark.slow  # a writer process, killed
 def test_a_writer_killed_half_way_leaves_the_previous_version(cfg, artefact, tmp_path):
     dest = artefact.folder(cfg)
     assert dest.current() is None

@@ -156,6 +156,7 @@ def _write(uri: str, writer: int, barrier, env: dict) -> None:
         tables.commit_new_rows(uri, _rows(writer, order[start:start + 10]))
 
 
+@pytest.mark.slow  # writer processes
 def test_concurrent_writers_of_overlapping_keys_leave_exactly_one_row_per_key(root):
     import lance
 
