@@ -1,6 +1,6 @@
 # Two commands: `make demo` (set up, then run the pipeline on the embedded default) and
 # `make test` (set up, then run the test suite); `make benchmark` and `make gpu-check` (on a GPU)
-# measure. Setup creates .venv when missing.
+# measure; `make docs-screenshots` remakes the docs' images from the demo. Setup creates .venv when missing.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 # moto's S3 server for the loopback cluster test (tests/test_cluster_loopback.py), in a venv of its own:
@@ -8,7 +8,7 @@ STAMP := .venv/.installed
 MOTO_VERSION := 5.2.5
 MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
 
-.PHONY: setup browser demo test benchmark gpu-check clean
+.PHONY: setup browser demo test benchmark gpu-check docs-screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -53,6 +53,11 @@ benchmark: setup
 # Its CPU dry run (--dry-run, tiny models) is tests/test_gpu_check.py, inside `make test`.
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py
+
+# The docs' images (docs/img/*.png) from the demo's real outputs, taken in headless Chromium (docs/screenshots.py):
+# runs the demo first when its outputs are missing.
+docs-screenshots: setup browser
+	$(PY) docs/screenshots.py
 
 clean:
 	rm -rf featmap_data .pytest_cache
