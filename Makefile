@@ -1,6 +1,7 @@
 # Two commands: `make demo` (set up, then run the pipeline on the embedded default) and
-# `make test` (set up, build the documentation site, then run the test suite); `make benchmark` and
-# `make gpu-check` (on a GPU) measure; `make docs` builds the site alone. Setup creates .venv when missing.
+# `make test` (set up, build the documentation site, then run the test suite); `make test-fast` the library
+# tests alone; `make benchmark` and `make gpu-check` (on a GPU) measure; `make docs` builds the site alone and
+# `make docs-screenshots` remakes the docs' images from the demo. Setup creates .venv when missing.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 # moto's S3 server for the loopback cluster test (tests/test_cluster_loopback.py), in a venv of its own:
@@ -8,7 +9,7 @@ STAMP := .venv/.installed
 MOTO_VERSION := 5.2.5
 MOTO_STAMP := .tools/moto/.installed-$(MOTO_VERSION)
 
-.PHONY: setup browser demo docs test test-fast benchmark gpu-check clean
+.PHONY: setup browser demo docs docs-screenshots test test-fast benchmark gpu-check clean
 
 # uv installs (pinned below) in parallel: the whole setup takes ~1 min instead of pip's ~6.
 UV_VERSION := 0.13.10
@@ -70,6 +71,11 @@ benchmark: setup
 # Its CPU dry run (--dry-run, tiny models) is tests/test_gpu_check.py, inside `make test`.
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py
+
+# The docs' images (docs/img/*.png) from the demo's real outputs, taken in headless Chromium (docs/screenshots.py):
+# runs the demo first when its outputs are missing.
+docs-screenshots: setup browser
+	$(PY) docs/screenshots.py
 
 clean:
 	rm -rf featmap_data .pytest_cache site
