@@ -50,11 +50,13 @@ demo: setup
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
-# Two pytest-xdist workers, each taking whole test files (module fixtures are built once) in collection order, each with its own
-# Ray instance; the longest files first (tests/conftest.py: LONG_MODULES).
+# The library tests on two pytest-xdist workers, then the tests that start Ray, servers or processes (marked
+# `slow`, tests/conftest.py) in one process sharing one Ray: two Ray instances on two cores slow each other down
+# more than they gain.
 test: setup browser docs
 	.venv/bin/lint-imports
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -m slow
 
 # The inner loop: the library tests, without Ray, the S3 server or the CLI (tests marked `slow`), in < 3 min.
 test-fast: setup

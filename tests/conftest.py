@@ -122,21 +122,10 @@ def class_folders(tmp_path) -> Path:
     return root
 
 
-# The modules that take minutes, longest first. `make test` runs two pytest-xdist workers that take
-# whole files (--dist loadfile) in collection order: the long ones start first, so the two workers
-# finish together instead of one waiting on a long file picked up last.
-LONG_MODULES = ["test_mapping_study.py", "test_featinv_demo.py", "test_serve.py", "test_edit.py", "test_cli.py",
-                "test_provenance_featinv.py", "test_cluster_loopback.py", "test_object_store.py", "test_jobs.py",
-                "test_provenance_study.py", "test_gpu_check.py", "test_featinv_reconstruct.py",
-                "test_provenance_pipeline.py", "test_featinv_train.py", "test_serve_load.py", "test_pipeline_stages.py",
-                "test_storage.py"]
-
-
 def pytest_collection_modifyitems(config, items):
-    """Long modules first (see LONG_MODULES); every test that needs Ray, the S3 server or an MLflow server is `slow`, so
-    `make test-fast` (-m "not slow") is the library tests alone."""
+    """Every test that needs Ray, the S3 server or an MLflow server is `slow`: `make test-fast` (-m "not slow")
+    is the library tests alone, and `make test` runs those on two pytest-xdist workers, then the slow ones in
+    one process (two Ray instances on two cores slow every Ray test down far more than they gain)."""
     for item in items:
         if {"ray_session", "s3_server", "mlflow_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONG_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
