@@ -140,34 +140,6 @@ def default_text(field: Any) -> str:
     return _json(field.default_factory() if field.default is PydanticUndefined else field.default)
 
 
-@functools.cache
-def _source_comments(model: type) -> dict[str, str]:
-    """Field name -> the source comments on and above its line: the fallback where a field has no
-    `Field(description=...)` yet."""
-    try:
-        lines = inspect.getsource(model).splitlines()
-    except (OSError, TypeError):
-        return {}
-    out, above = {}, []
-    for line in lines[1:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("#").strip())
-            continue
-        match = re.match(r"\s+([A-Za-z_]\w*)\s*:", line)
-        if match and match.group(1) in model.model_fields and match.group(1) not in out:
-            inline = re.search(r"\s{2,}#\s?(.*)$", line)
-            out[match.group(1)] = " ".join([*above, *([inline.group(1)] if inline else [])])
-        above = []
-    return out
-
-
-def field_description(model: type, name: str) -> str:
-    """`Field(description=...)`, else the field's source comment, else ""."""
-    field = model.model_fields[name]
-    return field.description or _source_comments(model).get(name, "")
-
-
 def _doc(model: type) -> str:
     doc = model.__dict__.get("__doc__")
     return inspect.cleandoc(doc) if doc else ""
@@ -238,7 +210,7 @@ def config_keys() -> list[tuple[str, str, str, str]]:
                 default = _code(_json(getattr(instance, name)))
             else:
                 default = _code(default_text(field))
-            desc = field_description(model, name)
+            desc = field.description or ""
             if sub is not None:
                 desc = (desc + " " if desc else "") + f"Section: [`{key + suffix}`](#{section_id(key + suffix)})."
             rows.append((key, kind, default, desc))

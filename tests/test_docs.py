@@ -119,19 +119,6 @@ def test_every_config_key_is_in_the_config_reference_with_its_default(hooks):
     assert "serve.limits.max_body_mb" in rows and "`16.0`" in rows["serve.limits.max_body_mb"]
 
 
-def test_a_field_description_is_used_when_there_is_one(hooks):
-    from pydantic import Field
-
-    class Section(BaseModel):
-        """A section's docstring."""
-
-        plain: int = 3  # a comment
-        described: str = Field("x", description="what it is, from Field(description=...)")
-
-    assert hooks.field_description(Section, "described") == "what it is, from Field(description=...)"
-    assert hooks.field_description(Section, "plain") == "a comment"
-
-
 # -- storage ------------------------------------------------------------------------------------------
 
 def test_every_table_schema_and_its_fields_are_in_the_tables_reference(hooks):
